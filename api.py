@@ -1,0 +1,47 @@
+"""JSON for scripts and the browser: who is signed in, a proof of a working token, health."""
+
+from flask import Blueprint, abort, current_app, g, jsonify, request
+
+import tokens
+from provider import InvalidGrant, ProviderError
+
+bp = Blueprint("api", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify(status="ok")
+
+
+@bp.get("/api/session")
+def session():
+    user = _signed_in()
+    return jsonify(
+        signed_in=True,
+        user={"id": user.id, "name": user.name, "email": user.email},
+        access_token_expires_at=user.access_expires_at.isoformat(),
+    )
+
+
+@bp.get("/api/profile")
+def profile():
+    """Call the provider's userinfo with the person's access token, proving the backend holds a working one."""
+    user = _signed_in()
+    provider = current_app.extensions["provider"]
+    try:
+        try:
+            return jsonify(provider.userinfo(user.access_token))
+        except InvalidGrant:
+            # Revoked before its expiry (e.g. a sign-out elsewhere): refresh once and retry.
+            user = tokens.ensure_fresh_access_token(user, trigger=request.path, rejected=user.access_token)
+            return jsonify(provider.userinfo(user.access_token))
+    except InvalidGrant:
+        raise tokens.SignInRequired("the provider rejects fresh access tokens") from None
+    except ProviderError as exc:
+        raise tokens.RefreshUnavailable(str(exc)) from None
+
+
+def _signed_in():
+    if g.get("user") is None:
+        abort(401)
+    return g.user

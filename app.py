@@ -1,0 +1,180 @@
+"""The application factory: configuration, extensions, blueprints and the sign-in hook."""
+
+import logging
+import os
+import sqlite3
+from urllib.parse import urlsplit
+
+import requests
+from cryptography.fernet import Fernet, MultiFernet
+from flask import Flask, Response, current_app, g, jsonify, redirect, render_template, request, url_for
+from flask_migrate import Migrate
+from sqlalchemy import event
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+import api
+import auth
+import config
+import csrf
+import pages
+import sessions
+import standin
+import tokens
+from models import db
+from provider import Provider, aps_endpoints, discover
+from redirects import safe_next
+from standin.inprocess import WSGIAdapter
+
+MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+migrate = Migrate()
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Create the app; a configuration error stops start-up with one sentence naming the variable."""
+    app = Flask(__name__, instance_relative_config=True)
+    try:
+        app.config.update(config.load(os.environ, app.instance_path))
+        if test_config:
+            app.config.update(test_config)
+        config.check(app.config)
+        app.extensions["token_cipher"] = _cipher(app.config["TOKEN_ENCRYPTION_KEYS"])
+        _init_database(app)
+        _init_provider(app)
+    except config.ConfigError as exc:
+        raise SystemExit(f"Configuration error: {exc}") from None
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("tokens").setLevel(logging.INFO)
+
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(api.bp)
+    app.before_request(load_person)
+    app.after_request(security_headers)
+    app.register_error_handler(tokens.SignInRequired, sign_in_required)
+    app.register_error_handler(tokens.RefreshUnavailable, provider_unavailable)
+    app.register_error_handler(HTTPException, http_error)
+    app.jinja_env.globals["csrf_token"] = csrf.token
+    return app
+
+
+def load_person() -> Response | None:
+    """Resolve the session cookie to a person and make sure their access token is fresh."""
+    g.session = g.user = None
+    if request.endpoint in ("static", "api.healthz"):
+        return None
+    session = sessions.load()
+    if session is not None:
+        g.session, g.user = session, session.user
+        sessions.touch(session)
+    elif request.cookies.get(sessions.cookie_name()):
+        g.drop_session_cookie = True  # tampered, unknown or expired: simply signed out
+    csrf.protect()
+    if g.user is not None and request.endpoint not in ("auth.logout", "auth.logout_everywhere", "auth.callback"):
+        g.user = tokens.ensure_fresh_access_token(g.user, trigger=f"{request.method} {request.path}")
+    return None
+
+
+def security_headers(response: Response) -> Response:
+    headers = response.headers
+    headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["X-Frame-Options"] = "DENY"
+    headers["Referrer-Policy"] = "no-referrer"
+    if request.endpoint != "static":
+        # Pages and API answers carry personal data or tokens: never cache them.
+        headers["Cache-Control"] = "no-store"
+    if current_app.config["SESSION_COOKIE_SECURE"]:
+        headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
+    if g.get("drop_session_cookie"):
+        sessions.clear_cookie(response)
+    return response
+
+
+def sign_in_required(exc: tokens.SignInRequired) -> Response:
+    """Send a person whose grant died back through sign-in, then to the same page."""
+    g.drop_session_cookie = True
+    if _wants_json():
+        return jsonify(error="sign_in_required", message="Your sign-in has ended; please sign in again."), 401
+    return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?"))))
+
+
+def provider_unavailable(exc: tokens.RefreshUnavailable) -> tuple[Response | str, int]:
+    """Answer 503 and keep the session: the next request tries again."""
+    message = "The sign-in provider is not answering right now; you are still signed in, please try again in a moment."
+    if _wants_json():
+        return jsonify(error="provider_unavailable", message=message), 503
+    return render_template("error.html", title="Please try again in a moment", detail=message, retry=request.full_path), 503
+
+
+def http_error(exc: HTTPException) -> tuple[Response | str, int]:
+    if _wants_json():
+        if exc.code == 401:
+            return jsonify(signed_in=False, error="not_signed_in", message="Sign in first."), 401
+        return jsonify(error=exc.name.lower().replace(" ", "_"), message=exc.description), exc.code
+    return render_template("error.html", title=exc.name, detail=exc.description, retry=None), exc.code
+
+
+def _wants_json() -> bool:
+    return request.path.startswith("/api/")
+
+
+def _cipher(keys: str) -> MultiFernet:
+    """Build the token key ring: the first key encrypts, every key decrypts."""
+    try:
+        return MultiFernet([Fernet(key) for key in keys.replace(",", " ").split()])
+    except (ValueError, TypeError):
+        raise config.ConfigError("TOKEN_ENCRYPTION_KEYS must hold one or more Fernet keys (urlsafe base64, 32 bytes).") from None
+
+
+def _init_database(app: Flask) -> None:
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    if urlsplit(uri).scheme not in ("sqlite", "postgresql", "postgresql+psycopg"):
+        raise config.ConfigError("DATABASE_URL must be a sqlite:/// or postgresql+psycopg:// URL.")
+    if uri.startswith("sqlite"):
+        # A request waiting for another's refresh waits on the write lock, up to a few provider round trips.
+        wait = app.config["PROVIDER_TIMEOUT"] * 3
+        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": wait}})
+        os.makedirs(app.instance_path, exist_ok=True)
+    db.init_app(app)
+    migrate.init_app(app, db, directory=MIGRATIONS)
+    if uri.startswith("sqlite"):
+        with app.app_context():
+            event.listen(db.engine, "connect", _sqlite_pragmas)
+
+
+def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record) -> None:
+    dbapi_connection.execute("PRAGMA foreign_keys=ON")
+    dbapi_connection.execute("PRAGMA journal_mode=WAL")  # readers go on while a refresh holds the write lock
+
+
+def _init_provider(app: Flask) -> None:
+    cfg = app.config
+    http = requests.Session()
+    issuer = cfg["OAUTH_ISSUER"]
+    if cfg["OAUTH_PROVIDER"] == "standin":
+        embedded = standin.create_app(
+            {
+                "issuer": issuer,
+                "clients": {cfg["OAUTH_CLIENT_ID"]: cfg["OAUTH_CLIENT_SECRET"]},
+                "redirect_uris": [cfg["OAUTH_REDIRECT_URI"]] if cfg["OAUTH_REDIRECT_URI"] else [],
+                "database_url": cfg["STANDIN_DATABASE_URL"],
+                "access_ttl": cfg["STANDIN_ACCESS_TOKEN_TTL"],
+                "strict": cfg["STANDIN_STRICT"],
+            }
+        )
+        mount = urlsplit(issuer).path.rstrip("/")
+        if not mount:
+            raise config.ConfigError("OAUTH_ISSUER for the stand-in needs a path, such as http://localhost:5000/standin.")
+        app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {mount: embedded})
+        # Back-channel calls go to the embedded provider in-process: a server calling itself could deadlock.
+        http.mount(f"{issuer}/", WSGIAdapter(embedded, issuer))
+        app.extensions["standin"] = embedded
+        endpoints = aps_endpoints(issuer, cfg["OAUTH_USERINFO_URL"])
+    elif cfg["OAUTH_PROVIDER"] == "autodesk":
+        endpoints = aps_endpoints(issuer, cfg["OAUTH_USERINFO_URL"])
+    else:
+        endpoints = discover(issuer, http, cfg["PROVIDER_TIMEOUT"], cfg["OAUTH_USERINFO_URL"])
+    app.extensions["provider"] = Provider(endpoints, cfg["OAUTH_CLIENT_ID"], cfg["OAUTH_CLIENT_SECRET"], cfg["PROVIDER_TIMEOUT"], http)

@@ -1,0 +1,169 @@
+"""Sign in with the authorization code flow (PKCE S256 + state), and sign out."""
+
+import base64
+import hashlib
+import hmac
+import secrets
+
+from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
+from itsdangerous import BadData, URLSafeTimedSerializer
+
+import sessions
+import tokens
+from models import db
+from provider import InvalidGrant, ProviderError, ProviderRejected, ProviderUnavailable
+from redirects import safe_next
+
+bp = Blueprint("auth", __name__, url_prefix="/auth")
+
+# The pre-sign-in state lives in a signed cookie bound to this browser, for at most 10 minutes.
+FLOW_MAX_AGE = 600
+
+
+@bp.get("/login")
+def login() -> Response:
+    """Send the browser to the provider's authorize endpoint."""
+    provider = current_app.extensions["provider"]
+    verifier = secrets.token_urlsafe(64)
+    flow = {"state": secrets.token_urlsafe(32), "verifier": verifier, "next": safe_next(request.args.get("next"))}
+    scope = current_app.config["OAUTH_SCOPES"]
+    # APS requires a nonce with openid; identity comes from userinfo, so it is not checked later.
+    nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
+    url = provider.authorize_url(
+        redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce
+    )
+    response = redirect(url)
+    response.set_cookie(
+        _flow_cookie(),
+        _flow_serializer().dumps(flow),
+        max_age=FLOW_MAX_AGE,
+        secure=current_app.config["SESSION_COOKIE_SECURE"],
+        httponly=True,
+        samesite="Lax",
+        path="/",
+    )
+    return response
+
+
+@bp.get("/callback")
+def callback() -> Response:
+    """Finish sign-in: check state, exchange the code, read the person, start a session."""
+    flow = _take_flow()
+    args = request.args
+    if "error" in args:
+        return _failed(400, "The provider did not sign you in.", args.get("error_description") or args["error"])
+    if flow is None:
+        return _failed(400, "This sign-in expired or was started in another browser.", "Please start again.")
+    if not hmac.compare_digest(args.get("state", ""), flow["state"]):
+        return _failed(400, "This sign-in link is not the one this browser started.", "Please start again.")
+    provider = current_app.extensions["provider"]
+    if "iss" in args and args["iss"] != provider.endpoints.issuer:
+        # RFC 9207: the reply came from another authorization server than the one we asked.
+        return _failed(400, "The sign-in reply came from an unexpected provider.", "Please start again.")
+    if not args.get("code"):
+        return _failed(400, "The provider's reply had no authorization code.", "Please start again.")
+
+    try:
+        grant = provider.exchange_code(args["code"], redirect_uri(), flow["verifier"])
+        if not grant.refresh_token:
+            return _failed(400, "The provider did not grant lasting access (no refresh token).", "Please start again.")
+        info = provider.userinfo(grant.access_token)
+    except ProviderUnavailable:
+        return _failed(503, "The provider is not answering right now.", "Please try again in a moment.")
+    except (InvalidGrant, ProviderRejected):
+        return _failed(400, "The provider refused this sign-in.", "The link may have been used already. Please start again.")
+    subject = str(info.get("sub") or "")
+    if not subject:
+        return _failed(400, "The provider did not say who you are.", "Please start again.")
+
+    if g.get("session") is not None:
+        sessions.end(g.session.id_hash)  # a new id at every sign-in: no session fixation
+    user = tokens.save_sign_in(subject, str(info.get("name") or ""), str(info.get("email") or ""), grant)
+    cookie = sessions.start(user)
+    db.session.commit()
+    response = redirect(flow["next"])
+    sessions.set_cookie(response, cookie, user.refresh_expires_at)
+    return response
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    """End this browser's session; revoke the refresh token when it was the person's last."""
+    response = redirect(url_for("pages.home"))
+    sessions.clear_cookie(response)
+    if g.get("session") is None:
+        return response
+    user_id = g.session.user_id
+    sessions.end(g.session.id_hash)
+    db.session.commit()
+    if sessions.remaining(user_id) == 0:
+        _revoke(tokens.forget_grant(user_id))
+    return response
+
+
+@bp.post("/logout-everywhere")
+def logout_everywhere() -> Response:
+    """End all of the person's sessions and revoke their refresh token."""
+    response = redirect(url_for("pages.home"))
+    sessions.clear_cookie(response)
+    if g.get("session") is None:
+        return response
+    user_id = g.session.user_id
+    sessions.end_all(user_id)
+    _revoke(tokens.forget_grant(user_id))
+    return response
+
+
+def redirect_uri() -> str:
+    return current_app.config["OAUTH_REDIRECT_URI"] or url_for("auth.callback", _external=True)
+
+
+def _revoke(refresh_token: str | None) -> None:
+    """Commit the forgotten grant, then tell the provider (best effort: we no longer hold it anyway)."""
+    db.session.commit()
+    if refresh_token:
+        try:
+            current_app.extensions["provider"].revoke(refresh_token)
+        except ProviderError:
+            current_app.logger.warning("could not revoke a refresh token at the provider")
+
+
+def _challenge(verifier: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+
+def _flow_cookie() -> str:
+    return "__Host-signin" if current_app.config["SESSION_COOKIE_SECURE"] else "signin"
+
+
+def _flow_serializer() -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt="sign-in-flow")
+
+
+def _take_flow() -> dict | None:
+    """Read this browser's pre-sign-in state; the callback clears it, so it is single-use."""
+    g.clear_flow_cookie = True
+    raw = request.cookies.get(_flow_cookie(), "")
+    if not raw or len(raw) > 1024:
+        return None
+    try:
+        flow = _flow_serializer().loads(raw, max_age=FLOW_MAX_AGE)
+    except BadData:
+        return None
+    if not isinstance(flow, dict) or not all(isinstance(flow.get(k), str) for k in ("state", "verifier", "next")):
+        return None
+    return flow
+
+
+def _failed(status: int, title: str, detail: str) -> tuple[str, int]:
+    return render_template("error.html", title=title, detail=detail, retry=url_for("auth.login")), status
+
+
+def clear_flow_cookie(response: Response) -> Response:
+    """Drop the pre-sign-in cookie after the callback used it, whatever the outcome."""
+    if g.get("clear_flow_cookie"):
+        response.delete_cookie(_flow_cookie(), secure=current_app.config["SESSION_COOKIE_SECURE"], httponly=True, samesite="Lax", path="/")
+    return response
+
+
+bp.after_app_request(clear_flow_cookie)

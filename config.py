@@ -1,0 +1,138 @@
+"""Read every setting from the environment in one place, and fail fast on bad ones."""
+
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography.fernet import Fernet
+
+APS_HOST = "https://developer.api.autodesk.com"
+
+# Scopes a person grants by default; viewables:read must be among them to narrow to it later.
+DEFAULT_SCOPES = {
+    "standin": "user-profile:read data:read data:write viewables:read",
+    "autodesk": "user-profile:read data:read data:write viewables:read",
+    "oidc": "openid profile email offline_access",
+}
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def load(environ: Mapping[str, str], instance_path: str) -> dict:
+    """Build the Flask config mapping from environment variables."""
+    env = environ.get
+    production = env("APP_ENV", "development").lower() == "production"
+    provider = env("OAUTH_PROVIDER", "standin").lower()
+    if provider not in DEFAULT_SCOPES:
+        raise ConfigError("OAUTH_PROVIDER must be one of standin, autodesk, oidc.")
+
+    client_id = env("OAUTH_CLIENT_ID") or (provider == "autodesk" and env("APS_CLIENT_ID")) or None
+    client_secret = env("OAUTH_CLIENT_SECRET")
+    redirect_uri = env("OAUTH_REDIRECT_URI")
+    if provider == "autodesk":
+        client_secret = client_secret or env("APS_CLIENT_SECRET")
+        redirect_uri = redirect_uri or env("APS_CALLBACK_URL")
+    if provider == "standin":
+        client_id = client_id or "standin-client"
+        client_secret = client_secret or "standin-secret"
+    if not client_id:
+        names = "OAUTH_CLIENT_ID (or APS_CLIENT_ID)" if provider == "autodesk" else "OAUTH_CLIENT_ID"
+        raise ConfigError(f"{names} must be set when OAUTH_PROVIDER is {provider}.")
+
+    issuer = env("OAUTH_ISSUER") or {
+        "standin": "http://localhost:5000/standin",
+        "autodesk": APS_HOST,
+    }.get(provider)
+    if provider == "oidc" and not issuer:
+        raise ConfigError("OAUTH_ISSUER must be set when OAUTH_PROVIDER is oidc.")
+    _check_url("OAUTH_ISSUER", issuer)
+    if redirect_uri:
+        _check_url("OAUTH_REDIRECT_URI", redirect_uri)
+    userinfo_url = env("OAUTH_USERINFO_URL")
+    if userinfo_url:
+        _check_url("OAUTH_USERINFO_URL", userinfo_url)
+
+    config = {
+        "APP_ENV": "production" if production else "development",
+        "SECRET_KEY": env("SECRET_KEY") or (None if production else _kept_secret(instance_path, "secret_key", lambda: secrets.token_hex(32))),
+        "SQLALCHEMY_DATABASE_URI": env("DATABASE_URL") or f"sqlite:///{Path(instance_path) / 'app.sqlite'}",
+        "OAUTH_PROVIDER": provider,
+        "OAUTH_ISSUER": issuer.rstrip("/"),
+        "OAUTH_CLIENT_ID": client_id,
+        "OAUTH_CLIENT_SECRET": client_secret,
+        "OAUTH_SCOPES": env("OAUTH_SCOPES") or DEFAULT_SCOPES[provider],
+        "OAUTH_VIEWER_SCOPE": env("OAUTH_VIEWER_SCOPE", "viewables:read"),
+        "OAUTH_REDIRECT_URI": redirect_uri,
+        "OAUTH_USERINFO_URL": userinfo_url,
+        "TOKEN_REFRESH_LEEWAY": _int(environ, "TOKEN_REFRESH_LEEWAY", 60),
+        "PROVIDER_TIMEOUT": _int(environ, "PROVIDER_TIMEOUT", 10),
+        "SESSION_COOKIE_SECURE": _bool(environ, "SESSION_COOKIE_SECURE", True),
+        "TOKEN_ENCRYPTION_KEYS": env("TOKEN_ENCRYPTION_KEYS")
+        or (None if production else _kept_secret(instance_path, "token_keys", lambda: Fernet.generate_key().decode())),
+        "STANDIN_DATABASE_URL": env("STANDIN_DATABASE_URL") or f"sqlite:///{Path(instance_path) / 'standin.sqlite'}",
+        "STANDIN_ACCESS_TOKEN_TTL": _int(environ, "STANDIN_ACCESS_TOKEN_TTL", 3599),
+        "STANDIN_STRICT": _bool(environ, "STANDIN_STRICT", False),
+    }
+    return config
+
+
+def check(config: Mapping) -> None:
+    """Refuse a configuration that must not run, production rules included."""
+    if not config.get("SECRET_KEY"):
+        raise ConfigError("SECRET_KEY must be set in production.")
+    if not config.get("TOKEN_ENCRYPTION_KEYS"):
+        raise ConfigError("TOKEN_ENCRYPTION_KEYS must be set in production.")
+    if config["OAUTH_PROVIDER"] != "standin" and not config.get("OAUTH_CLIENT_SECRET"):
+        raise ConfigError("OAUTH_CLIENT_SECRET must be set for a confidential client.")
+    if config["APP_ENV"] == "production":
+        if config["OAUTH_PROVIDER"] == "standin":
+            raise ConfigError("OAUTH_PROVIDER=standin is for development only; set APP_ENV=development or a real provider.")
+        if not config["SESSION_COOKIE_SECURE"]:
+            raise ConfigError("SESSION_COOKIE_SECURE must stay on in production.")
+
+
+def _kept_secret(instance_path: str, name: str, make) -> str:
+    """Return a development secret kept in the instance folder, creating it once."""
+    path = Path(instance_path) / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(make())
+        os.chmod(path, 0o600)
+    return path.read_text().strip()
+
+
+def _check_url(name: str, value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name} must be an absolute http(s) URL, got {value!r}.")
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number of seconds, got {raw!r}.") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {raw!r}.")
+    return value
+
+
+def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in TRUE:
+        return True
+    if raw in FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}.")

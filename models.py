@@ -1,0 +1,120 @@
+"""The people who sign in, their browser sessions and the history of their refreshes."""
+
+from datetime import UTC, datetime
+
+from flask import current_app
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+db = SQLAlchemy(model_class=Base)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """Store timezone-aware UTC datetimes, also on SQLite which forgets the zone."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime; use timezone-aware UTC")
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class EncryptedText(TypeDecorator):
+    """Encrypt a token with the app's key ring on write and decrypt it on read."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        return current_app.extensions["token_cipher"].encrypt(value.encode()).decode()
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return current_app.extensions["token_cipher"].decrypt(value.encode()).decode()
+
+
+class User(db.Model):
+    """A person, keyed by the provider's subject, with their one current refresh token.
+
+    The provider keeps one refresh token per person per app, so every browser session of the
+    person shares the tokens stored here.
+    """
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subject: Mapped[str] = mapped_column(String(255), unique=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    email: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    refresh_token: Mapped[str | None] = mapped_column(EncryptedText)
+    refresh_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    refresh_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    refresh_rotations: Mapped[int] = mapped_column(Integer, default=0)
+    signed_in_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    access_token: Mapped[str | None] = mapped_column(EncryptedText)
+    access_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    viewer_token: Mapped[str | None] = mapped_column(EncryptedText)
+    viewer_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    viewer_scope: Mapped[str | None] = mapped_column(String(255))
+
+    sessions: Mapped[list["UserSession"]] = relationship(back_populates="user", cascade="all, delete-orphan", passive_deletes=True)
+
+    def clear_tokens(self) -> None:
+        """Forget every token of this person (the refresh token is dead or revoked)."""
+        self.refresh_token = self.access_token = self.viewer_token = None
+        self.refresh_expires_at = self.access_expires_at = self.viewer_expires_at = None
+
+
+class UserSession(db.Model):
+    """A signed-in browser; the cookie holds the id, the table only its SHA-256 hash."""
+
+    __tablename__ = "user_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    user_agent: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+    user: Mapped[User] = relationship(back_populates="sessions")
+
+
+class RefreshEvent(db.Model):
+    """One refresh attempt at the provider, kept so the person can see the lifecycle."""
+
+    __tablename__ = "refresh_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))  # "access" or "viewer"
+    outcome: Mapped[str] = mapped_column(String(32))  # refreshed, invalid_grant, unavailable
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    trigger: Mapped[str] = mapped_column(String(255), default="")
+    # Requests that waited on this refresh's lock and then used its result instead of refreshing.
+    waiters: Mapped[int] = mapped_column(Integer, default=0)

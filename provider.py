@@ -1,0 +1,173 @@
+"""Talk to the authorization server: authorize URL, code exchange, refresh, revoke, userinfo."""
+
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+import requests
+
+from config import APS_HOST, ConfigError
+
+
+class ProviderError(Exception):
+    """The provider did not give us what we asked for."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider is unreachable, slow or failing (5xx, timeout, garbled reply): try again later."""
+
+
+class InvalidGrant(ProviderError):
+    """The code or refresh token is dead: expired, used, revoked or replaced."""
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the request for another OAuth reason (invalid_scope, invalid_client...)."""
+
+    def __init__(self, error: str, description: str = ""):
+        super().__init__(f"{error}: {description}" if description else error)
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    issuer: str
+    authorize: str
+    token: str
+    userinfo: str
+    revoke: str | None
+    introspect: str | None
+    logout: str | None
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    access_token: str
+    expires_in: int
+    refresh_token: str | None
+    scope: str | None
+
+
+def aps_endpoints(issuer: str, userinfo: str | None = None) -> Endpoints:
+    """Return the APS Authentication v2 endpoints under issuer (APS itself or the stand-in)."""
+    base = f"{issuer}/authentication/v2"
+    default_userinfo = "https://api.userprofile.autodesk.com/userinfo" if issuer == APS_HOST else f"{issuer}/userinfo"
+    return Endpoints(
+        issuer=issuer,
+        authorize=f"{base}/authorize",
+        token=f"{base}/token",
+        userinfo=userinfo or default_userinfo,
+        revoke=f"{base}/revoke",
+        introspect=f"{base}/introspect",
+        logout=f"{base}/logout",
+    )
+
+
+def discover(issuer: str, http: requests.Session, timeout: float, userinfo: str | None = None) -> Endpoints:
+    """Read an OpenID Connect provider's endpoints from its discovery document."""
+    url = f"{issuer}/.well-known/openid-configuration"
+    try:
+        reply = http.get(url, timeout=timeout)
+        reply.raise_for_status()
+        doc = reply.json()
+        return Endpoints(
+            issuer=doc.get("issuer", issuer).rstrip("/"),
+            authorize=doc["authorization_endpoint"],
+            token=doc["token_endpoint"],
+            userinfo=userinfo or doc["userinfo_endpoint"],
+            # APS's own document names these revoke_endpoint / introspect_endpoint.
+            revoke=doc.get("revocation_endpoint") or doc.get("revoke_endpoint"),
+            introspect=doc.get("introspection_endpoint") or doc.get("introspect_endpoint"),
+            logout=doc.get("end_session_endpoint"),
+        )
+    except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"OAUTH_ISSUER discovery document {url} could not be read ({type(exc).__name__}).") from None
+
+
+class Provider:
+    """An OAuth 2.0 confidential client of one authorization server."""
+
+    def __init__(self, endpoints: Endpoints, client_id: str, client_secret: str | None, timeout: float, http: requests.Session):
+        self.endpoints = endpoints
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.timeout = timeout
+        self.http = http
+
+    def authorize_url(self, *, redirect_uri: str, scope: str, state: str, code_challenge: str, nonce: str | None = None) -> str:
+        params = {
+            "client_id": self.client_id,
+            "response_type": "code",
+            "redirect_uri": redirect_uri,
+            "scope": scope,
+            "state": state,
+            "code_challenge": code_challenge,
+            "code_challenge_method": "S256",
+        }
+        if nonce:
+            params["nonce"] = nonce
+        return f"{self.endpoints.authorize}?{urlencode(params)}"
+
+    def exchange_code(self, code: str, redirect_uri: str, code_verifier: str) -> TokenResponse:
+        return self._token({"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": code_verifier})
+
+    def refresh(self, refresh_token: str, scope: str | None = None) -> TokenResponse:
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        if scope:
+            form["scope"] = scope
+        return self._token(form)
+
+    def userinfo(self, access_token: str) -> dict:
+        reply = self._send("GET", self.endpoints.userinfo, headers={"Authorization": f"Bearer {access_token}"})
+        if reply.status_code == 401:
+            raise InvalidGrant("access token rejected by userinfo")
+        return self._json(reply)
+
+    def revoke(self, token: str, hint: str = "refresh_token") -> None:
+        """Revoke a token; best effort, since the caller forgets it either way."""
+        if self.endpoints.revoke:
+            self._send("POST", self.endpoints.revoke, data={"token": token, "token_type_hint": hint}, auth=self._auth())
+
+    def introspect(self, token: str) -> dict:
+        if not self.endpoints.introspect:
+            raise ProviderRejected("unsupported", "the provider has no introspection endpoint")
+        return self._json(self._send("POST", self.endpoints.introspect, data={"token": token}, auth=self._auth()))
+
+    def _auth(self) -> tuple[str, str]:
+        # APS v2 wants client credentials in the Basic header, never also in the body.
+        return (self.client_id, self.client_secret or "")
+
+    def _token(self, form: dict) -> TokenResponse:
+        body = self._json(self._send("POST", self.endpoints.token, data=form, auth=self._auth()))
+        try:
+            return TokenResponse(
+                access_token=str(body["access_token"]),
+                expires_in=int(body.get("expires_in", 3599)),
+                refresh_token=body.get("refresh_token"),
+                scope=body.get("scope"),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ProviderUnavailable("token response without a usable access_token") from None
+
+    def _send(self, method: str, url: str, **kwargs) -> requests.Response:
+        try:
+            reply = self.http.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            # A lost reply is indistinguishable from a refused one: the caller keeps what it has.
+            raise ProviderUnavailable(f"{type(exc).__name__} talking to the provider") from None
+        if reply.status_code >= 500 or reply.status_code == 429:
+            raise ProviderUnavailable(f"provider answered {reply.status_code}")
+        return reply
+
+    def _json(self, reply: requests.Response) -> dict:
+        try:
+            body = reply.json()
+        except ValueError:
+            raise ProviderUnavailable(f"provider answered {reply.status_code} without JSON") from None
+        if not isinstance(body, dict):
+            raise ProviderUnavailable("provider answered JSON that is not an object")
+        if reply.status_code >= 400:
+            error = str(body.get("error", "")) or f"http_{reply.status_code}"
+            if error == "invalid_grant":
+                raise InvalidGrant(str(body.get("error_description", "")))
+            raise ProviderRejected(error, str(body.get("error_description", "")))
+        return body

@@ -1,0 +1,267 @@
+"""An embedded authorization server that behaves like Autodesk APS Authentication v2.
+
+For development and tests only: a person signs in by typing a name. It keeps APS's rules
+that matter to a client: single-use codes bound to client, redirect URI and PKCE challenge;
+single-use rotating refresh tokens that live 15 days; one refresh token per person per app;
+refreshes narrowed to a subset of the granted scope. In strict mode, replaying a used refresh
+token also revokes the person's current one, as Keycloak and panva/oidc-provider do.
+"""
+
+import base64
+import binascii
+import hashlib
+import time
+from collections.abc import Mapping
+from urllib.parse import urlencode
+
+from flask import Flask, Response, abort, jsonify, redirect, render_template, request
+from sqlalchemy import delete, select, update
+
+from standin.store import Store, access_tokens, digest, refresh_tokens
+
+REFRESH_TTL = 15 * 24 * 3600
+SIGN_IN_FIELDS = ("client_id", "redirect_uri", "scope", "state", "code_challenge", "code_challenge_method", "nonce")
+
+
+class OAuthError(Exception):
+    def __init__(self, error: str, description: str, status: int = 400):
+        super().__init__(description)
+        self.error, self.description, self.status = error, description, status
+
+
+def create_app(settings: Mapping) -> Flask:
+    """Create the stand-in provider from its settings.
+
+    settings: issuer, clients ({client_id: secret}), redirect_uris (exact URIs allowed; empty
+    allows any http(s) URI), database_url, access_ttl, strict.
+    """
+    app = Flask(__name__)
+    app.config["STANDIN"] = dict(settings)
+    app.extensions["standin_store"] = store = Store(settings["database_url"])
+    cfg = app.config["STANDIN"]
+    issuer = cfg["issuer"]
+
+    @app.errorhandler(OAuthError)
+    def oauth_error(exc: OAuthError):
+        return jsonify(error=exc.error, error_description=exc.description), exc.status
+
+    @app.after_request
+    def no_store(response: Response) -> Response:
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    @app.get("/.well-known/openid-configuration")
+    def discovery():
+        base = f"{issuer}/authentication/v2"
+        return jsonify(
+            issuer=issuer,
+            authorization_endpoint=f"{base}/authorize",
+            token_endpoint=f"{base}/token",
+            userinfo_endpoint=f"{issuer}/userinfo",
+            revocation_endpoint=f"{base}/revoke",
+            introspection_endpoint=f"{base}/introspect",
+            end_session_endpoint=f"{base}/logout",
+            response_types_supported=["code"],
+            grant_types_supported=["authorization_code", "refresh_token"],
+            code_challenge_methods_supported=["S256"],
+            token_endpoint_auth_methods_supported=["client_secret_basic"],
+            authorization_response_iss_parameter_supported=True,
+            scopes_supported=["user-profile:read", "data:read", "data:write", "viewables:read", "openid"],
+        )
+
+    @app.route("/authentication/v2/authorize", methods=["GET", "POST"])
+    def authorize():
+        params = request.values
+        _check_client_and_redirect(cfg, params)
+        redirect_uri = params["redirect_uri"]
+        state = params.get("state", "")
+        if params.get("response_type", "code") != "code":
+            return _back(redirect_uri, issuer, error="unsupported_response_type", state=state)
+        if params.get("code_challenge_method") != "S256" or not params.get("code_challenge"):
+            return _back(redirect_uri, issuer, error="invalid_request", state=state, error_description="PKCE with S256 is required")
+        if not params.get("scope", "").split():
+            return _back(redirect_uri, issuer, error="invalid_scope", state=state)
+        if request.method == "GET":
+            return render_template("standin/signin.html", fields={k: params.get(k, "") for k in SIGN_IN_FIELDS})
+        if "cancel" in request.form:
+            return _back(redirect_uri, issuer, error="access_denied", state=state)
+        name = request.form.get("name", "").strip()
+        if not name:
+            fields = {k: params.get(k, "") for k in SIGN_IN_FIELDS}
+            return render_template("standin/signin.html", fields=fields, missing_name=True), 400
+        person = store.add_person(name)
+        code = store.add_code(
+            client_id=params["client_id"],
+            redirect_uri=redirect_uri,
+            code_challenge=params["code_challenge"],
+            scope=" ".join(params["scope"].split()),
+            sub=person["sub"],
+        )
+        return _back(redirect_uri, issuer, code=code, state=state)
+
+    @app.post("/authentication/v2/token")
+    def token():
+        client_id = _client(cfg)
+        fault = store.take_fault()
+        if fault and fault["kind"] == "5xx":
+            return jsonify(error="server_error", error_description="injected fault"), 503
+        if fault and fault["kind"] == "invalid_grant":
+            raise OAuthError("invalid_grant", "injected fault")
+        if fault and fault["kind"] == "timeout":
+            time.sleep(fault["delay"])
+        grant_type = request.form.get("grant_type")
+        if grant_type == "authorization_code":
+            body = _code_grant(store, cfg, client_id)
+        elif grant_type == "refresh_token":
+            body = _refresh_grant(store, cfg, client_id)
+        else:
+            raise OAuthError("unsupported_grant_type", f"grant_type {grant_type!r} is not supported")
+        if fault and fault["kind"] == "drop":
+            return _drop()
+        return jsonify(body)
+
+    @app.post("/authentication/v2/revoke")
+    def revoke():
+        _client(cfg)
+        token = request.form.get("token", "")
+        with store.transaction() as conn:
+            conn.execute(update(refresh_tokens).where(refresh_tokens.c.token_hash == digest(token)).values(status="revoked"))
+            conn.execute(delete(access_tokens).where(access_tokens.c.token_hash == digest(token)))
+        return "", 200
+
+    @app.post("/authentication/v2/introspect")
+    def introspect():
+        _client(cfg)
+        token = request.form.get("token", "")
+        access = store.access_token(token)
+        if access:
+            return jsonify(
+                active=True, token_type="access_token", scope=access["scope"], client_id=access["client_id"], exp=int(access["expires_at"]), userid=access["sub"]
+            )
+        refresh = store.refresh_token(token)
+        if refresh and refresh["status"] == "active" and refresh["expires_at"] > time.time():
+            return jsonify(
+                active=True, token_type="refresh_token", scope=refresh["scope"], client_id=refresh["client_id"], exp=int(refresh["expires_at"]), userid=refresh["sub"]
+            )
+        return jsonify(active=False)
+
+    @app.get("/authentication/v2/logout")
+    def logout():
+        target = request.args.get("post_logout_redirect_uri", "")
+        if target and (not cfg["redirect_uris"] or any(target.startswith(uri.rsplit("/", 2)[0]) for uri in cfg["redirect_uris"])):
+            return redirect(target)
+        return render_template("standin/signed_out.html")
+
+    @app.get("/userinfo")
+    def userinfo():
+        header = request.headers.get("Authorization", "")
+        access = store.access_token(header[7:]) if header.startswith("Bearer ") else None
+        if access is None:
+            return jsonify(error="invalid_token", error_description="access token unknown or expired"), 401
+        person = store.person(access["sub"])
+        return jsonify(sub=person["sub"], name=person["name"], preferred_username=person["name"], email=person["email"], email_verified=True)
+
+    return app
+
+
+def _check_client_and_redirect(cfg: Mapping, params: Mapping) -> None:
+    """Refuse an unknown client or redirect URI with a page, never a redirect (RFC 6749 §4.1.2.1)."""
+    if params.get("client_id") not in cfg["clients"]:
+        abort(400, "Unknown client_id.")
+    uri = params.get("redirect_uri", "")
+    allowed = uri in cfg["redirect_uris"] if cfg["redirect_uris"] else uri.startswith(("http://", "https://"))
+    if not allowed:
+        abort(400, "redirect_uri is not registered for this client.")
+
+
+def _back(redirect_uri: str, issuer: str, **params: str) -> Response:
+    """Send the browser back to the client with an RFC 9207 iss parameter."""
+    params = {k: v for k, v in params.items() if v} | {"iss": issuer}
+    sep = "&" if "?" in redirect_uri else "?"
+    return redirect(f"{redirect_uri}{sep}{urlencode(params)}")
+
+
+def _client(cfg: Mapping) -> str:
+    """Authenticate the client by HTTP Basic, as APS v2 wants (credentials in body too -> 400)."""
+    header = request.headers.get("Authorization", "")
+    if "client_secret" in request.form or "client_id" in request.form and header:
+        raise OAuthError("invalid_request", "client credentials must be sent in the Authorization header only")
+    if not header.startswith("Basic "):
+        raise OAuthError("invalid_client", "client authentication by HTTP Basic is required", 401)
+    try:
+        client_id, _, secret = base64.b64decode(header[6:], validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise OAuthError("invalid_client", "malformed Basic credentials", 401) from None
+    if cfg["clients"].get(client_id) != secret:
+        raise OAuthError("invalid_client", "unknown client or wrong secret", 401)
+    return client_id
+
+
+def _code_grant(store: Store, cfg: Mapping, client_id: str) -> dict:
+    form = request.form
+    grant = store.take_code(form.get("code", ""))
+    if grant is None or grant["client_id"] != client_id:
+        raise OAuthError("invalid_grant", "authorization code unknown, used or expired")
+    if form.get("redirect_uri") != grant["redirect_uri"]:
+        raise OAuthError("invalid_grant", "redirect_uri does not match the authorization request")
+    verifier = form.get("code_verifier", "")
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    if not verifier or challenge != grant["code_challenge"]:
+        raise OAuthError("invalid_grant", "PKCE code_verifier does not match the code_challenge")
+    with store.transaction() as conn:
+        # One refresh token per person per app: a new sign-in invalidates the previous one.
+        store.revoke_grant(conn, client_id, grant["sub"])
+        body = store.issue(
+            conn, client_id=client_id, sub=grant["sub"], scope=grant["scope"], access_scope=grant["scope"], access_ttl=cfg["access_ttl"], refresh_ttl=REFRESH_TTL
+        )
+        store.record(conn, "code", grant["sub"])
+    return body
+
+
+def _refresh_grant(store: Store, cfg: Mapping, client_id: str) -> dict:
+    form = request.form
+    token = form.get("refresh_token", "")
+    requested = form.get("scope", "").split()
+    failure = None
+    with store.transaction() as conn:
+        row = conn.execute(select(refresh_tokens).where(refresh_tokens.c.token_hash == digest(token))).mappings().first()
+        if row is None or row["client_id"] != client_id:
+            failure = OAuthError("invalid_grant", "refresh token unknown")
+        elif row["status"] == "used":
+            failure = OAuthError("invalid_grant", "refresh token already used")
+            if cfg["strict"]:
+                # Replay detected: assume theft and kill the whole grant (RFC 9700 §4.14.2).
+                store.revoke_grant(conn, client_id, row["sub"])
+        elif row["status"] != "active" or row["expires_at"] < time.time():
+            failure = OAuthError("invalid_grant", "refresh token revoked or expired")
+        elif requested and not set(requested) <= set(row["scope"].split()):
+            raise OAuthError("invalid_scope", "requested scope exceeds the granted scope")
+        else:
+            conn.execute(update(refresh_tokens).where(refresh_tokens.c.token_hash == row["token_hash"]).values(status="used"))
+            # The new refresh token keeps the full grant; only the access token is narrowed (RFC 6749 §6).
+            body = store.issue(
+                conn,
+                client_id=client_id,
+                sub=row["sub"],
+                scope=row["scope"],
+                access_scope=" ".join(requested) if requested else row["scope"],
+                access_ttl=cfg["access_ttl"],
+                refresh_ttl=REFRESH_TTL,
+            )
+            store.record(conn, "refresh", row["sub"])
+            return body
+        store.record(conn, "refresh_rejected", row["sub"] if row else "")
+    raise failure
+
+
+def _drop() -> Response:
+    """Lose the reply after the work is done, as a dropped connection would."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        import socket
+
+        sock.shutdown(socket.SHUT_RDWR)
+    response = Response("dropped", status=502)
+    response.headers["X-Standin-Drop"] = "1"
+    return response

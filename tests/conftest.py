@@ -1,0 +1,150 @@
+"""Fixtures: an app on a fresh database (SQLite and PostgreSQL), its client, and sign-in helpers."""
+
+import os
+import uuid
+from datetime import timedelta
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg
+import pytest
+from flask_migrate import upgrade
+from sqlalchemy import text
+
+from app import create_app
+from models import User, db, utcnow
+
+PG_ADMIN = os.environ.get("TEST_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+ISSUER = "http://localhost/standin"
+
+
+def pg_available() -> bool:
+    try:
+        psycopg.connect(PG_ADMIN, connect_timeout=3).close()
+        return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """Create one PostgreSQL database for this test run and drop it afterwards."""
+    if not pg_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN}, and CI must test on it")
+        pytest.skip("PostgreSQL is not reachable")
+    name = f"signin_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Give each test an empty, migrated database: a new SQLite file, or the run's PostgreSQL database emptied."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'app.sqlite'}"
+    url = request.getfixturevalue("pg_database")
+    return url
+
+
+def make_config(tmp_path, database_url: str, **overrides) -> dict:
+    config = {
+        "TESTING": True,
+        "SECRET_KEY": "test-secret",
+        "SQLALCHEMY_DATABASE_URI": database_url,
+        "OAUTH_PROVIDER": "standin",
+        "OAUTH_ISSUER": ISSUER,
+        "OAUTH_CLIENT_ID": "standin-client",
+        "OAUTH_CLIENT_SECRET": "standin-secret",
+        "SESSION_COOKIE_SECURE": False,
+        "TOKEN_ENCRYPTION_KEYS": "8dPAA3qIkpHyELgsyIDmxI0ZBvP5jsC5Ys2yLAOFb3g=",
+        "STANDIN_DATABASE_URL": f"sqlite:///{tmp_path / 'standin.sqlite'}",
+        "STANDIN_STRICT": True,
+        "PROVIDER_TIMEOUT": 2,
+    }
+    config.update(overrides)
+    return config
+
+
+def migrate_fresh(app) -> None:
+    """Build the schema by running the migrations, so the migrations are what is tested."""
+    with app.app_context():
+        if db.engine.dialect.name == "postgresql":
+            with db.engine.begin() as conn:
+                conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        upgrade()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def app_factory(tmp_path, database_url, monkeypatch):
+    """Create apps on this test's database; several may share it, like instances behind a balancer."""
+    for name in list(os.environ):
+        if name.startswith(("OAUTH_", "APS_", "STANDIN_", "TOKEN_", "DATABASE_URL", "SECRET_KEY", "APP_ENV", "SESSION_COOKIE")):
+            monkeypatch.delenv(name)
+    made = []
+
+    def make(**overrides):
+        app = create_app(make_config(tmp_path, database_url, **overrides))
+        if not made:
+            migrate_fresh(app)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        with app.app_context():
+            db.session.remove()
+            db.engine.dispose()
+
+
+@pytest.fixture
+def app(app_factory):
+    return app_factory()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def standin(app):
+    """The embedded stand-in provider's store: count refreshes, inject faults."""
+    return app.extensions["standin"].extensions["standin_store"]
+
+
+def sign_in(client, name: str = "Ada Lovelace", next_path: str | None = None):
+    """Go through the whole sign-in flow against the embedded stand-in; return the final response."""
+    login = client.get("/auth/login", query_string={"next": next_path} if next_path else None)
+    assert login.status_code == 302, login.status_code
+    authorize = urlsplit(login.headers["Location"])
+    page = client.get(authorize.path, query_string=authorize.query)
+    assert page.status_code == 200, page.get_data(as_text=True)
+    consent = client.post(authorize.path, query_string=authorize.query, data={"name": name})
+    assert consent.status_code == 302
+    back = urlsplit(consent.headers["Location"])
+    return client.get(back.path, query_string=back.query)
+
+
+def callback_params(location: str) -> dict:
+    return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+
+
+def expire_access_token(app, name: str = "Ada Lovelace", field: str = "access_expires_at") -> None:
+    """Make the stored access token count as expired, as if its hour had passed."""
+    with app.app_context():
+        user = db.session.execute(db.select(User).where(User.name == name)).scalar_one()
+        setattr(user, field, utcnow() - timedelta(seconds=1))
+        db.session.commit()
+
+
+def stored_user(app, name: str = "Ada Lovelace") -> User | None:
+    with app.app_context():
+        user = db.session.execute(db.select(User).where(User.name == name)).scalar_one_or_none()
+        if user is not None:
+            db.session.expunge(user)
+        return user
