@@ -3,6 +3,7 @@
 from flask import Blueprint, abort, current_app, g, jsonify, request
 
 import tokens
+from models import utcnow
 from provider import InvalidGrant, ProviderError
 
 bp = Blueprint("api", __name__)
@@ -39,6 +40,15 @@ def profile():
         raise tokens.SignInRequired("the provider rejects fresh access tokens") from None
     except ProviderError as exc:
         raise tokens.RefreshUnavailable(str(exc)) from None
+
+
+@bp.get("/api/viewer-token")
+def viewer_token():
+    """Hand the browser's viewer a token narrowed to OAUTH_VIEWER_SCOPE, never the full-scope one."""
+    user = _signed_in()
+    token = tokens.viewer_token(user, trigger=request.path)
+    expires_in = max(0, int((token.expires_at - utcnow()).total_seconds()))
+    return jsonify(access_token=token.access_token, expires_in=expires_in, scope=token.scope)
 
 
 def _signed_in():

@@ -5,7 +5,7 @@ import hashlib
 import hmac
 import secrets
 
-from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
 import sessions
@@ -29,9 +29,7 @@ def login() -> Response:
     scope = current_app.config["OAUTH_SCOPES"]
     # APS requires a nonce with openid; identity comes from userinfo, so it is not checked later.
     nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
-    url = provider.authorize_url(
-        redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce
-    )
+    url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce)
     response = redirect(url)
     response.set_cookie(
         _flow_cookie(),
@@ -81,36 +79,62 @@ def callback() -> Response:
     user = tokens.save_sign_in(subject, str(info.get("name") or ""), str(info.get("email") or ""), grant)
     cookie = sessions.start(user)
     db.session.commit()
+    _prefetch_viewer_token(user)
     response = redirect(flow["next"])
     sessions.set_cookie(response, cookie, user.refresh_expires_at)
     return response
 
 
+def _prefetch_viewer_token(user) -> None:
+    """Get the shareable viewer token right after sign-in, when the grant covers the viewer scope."""
+    config = current_app.config
+    if not set(config["OAUTH_VIEWER_SCOPE"].split()) <= set(config["OAUTH_SCOPES"].split()):
+        return
+    try:
+        tokens.viewer_token(user, trigger="sign-in")
+    except (tokens.RefreshUnavailable, tokens.SignInRequired) as exc:
+        # The page that needs it will try again; the sign-in itself stands.
+        current_app.logger.warning("viewer token not fetched at sign-in: %s", type(exc).__name__)
+
+
 @bp.post("/logout")
 def logout() -> Response:
     """End this browser's session; revoke the refresh token when it was the person's last."""
-    response = redirect(url_for("pages.home"))
-    sessions.clear_cookie(response)
-    if g.get("session") is None:
-        return response
-    user_id = g.session.user_id
-    sessions.end(g.session.id_hash)
-    db.session.commit()
-    if sessions.remaining(user_id) == 0:
-        _revoke(tokens.forget_grant(user_id))
-    return response
+    return _end_sessions(lambda session: session.id_hash == g.session.id_hash)
 
 
 @bp.post("/logout-everywhere")
 def logout_everywhere() -> Response:
     """End all of the person's sessions and revoke their refresh token."""
-    response = redirect(url_for("pages.home"))
-    sessions.clear_cookie(response)
+    return _end_sessions(lambda session: True)
+
+
+@bp.post("/sessions/end")
+def end_device() -> Response:
+    """End one of the person's sessions (a device), chosen from the devices list."""
+    target = request.form.get("session", "")
+    if g.get("session") is not None and target not in {s.id_hash for s in g.user.sessions}:
+        abort(404, "No such session of yours.")
+    return _end_sessions(lambda session: session.id_hash == target, next_path=safe_next(request.form.get("next")))
+
+
+def _end_sessions(chosen, next_path: str = "/") -> Response:
+    """End the chosen sessions of the person; once none is left, forget and revoke the refresh token."""
     if g.get("session") is None:
+        response = redirect(url_for("pages.home"))
+        sessions.clear_cookie(response)
         return response
     user_id = g.session.user_id
-    sessions.end_all(user_id)
-    _revoke(tokens.forget_grant(user_id))
+    ended = [session.id_hash for session in g.user.sessions if chosen(session)]
+    for id_hash in ended:
+        sessions.end(id_hash)
+    db.session.commit()
+    if sessions.remaining(user_id) == 0:
+        _revoke(tokens.forget_grant(user_id))
+    this_ended = g.session.id_hash in ended
+    response = redirect(url_for("pages.home") if this_ended else next_path)
+    if this_ended:
+        sessions.clear_cookie(response)
     return response
 
 

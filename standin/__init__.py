@@ -137,12 +137,22 @@ def create_app(settings: Mapping) -> Flask:
         access = store.access_token(token)
         if access:
             return jsonify(
-                active=True, token_type="access_token", scope=access["scope"], client_id=access["client_id"], exp=int(access["expires_at"]), userid=access["sub"]
+                active=True,
+                token_type="access_token",
+                scope=access["scope"],
+                client_id=access["client_id"],
+                exp=int(access["expires_at"]),
+                userid=access["sub"],
             )
         refresh = store.refresh_token(token)
         if refresh and refresh["status"] == "active" and refresh["expires_at"] > time.time():
             return jsonify(
-                active=True, token_type="refresh_token", scope=refresh["scope"], client_id=refresh["client_id"], exp=int(refresh["expires_at"]), userid=refresh["sub"]
+                active=True,
+                token_type="refresh_token",
+                scope=refresh["scope"],
+                client_id=refresh["client_id"],
+                exp=int(refresh["expires_at"]),
+                userid=refresh["sub"],
             )
         return jsonify(active=False)
 
@@ -213,7 +223,13 @@ def _code_grant(store: Store, cfg: Mapping, client_id: str) -> dict:
         # One refresh token per person per app: a new sign-in invalidates the previous one.
         store.revoke_grant(conn, client_id, grant["sub"])
         body = store.issue(
-            conn, client_id=client_id, sub=grant["sub"], scope=grant["scope"], access_scope=grant["scope"], access_ttl=cfg["access_ttl"], refresh_ttl=REFRESH_TTL
+            conn,
+            client_id=client_id,
+            sub=grant["sub"],
+            scope=grant["scope"],
+            access_scope=grant["scope"],
+            access_ttl=cfg["access_ttl"],
+            refresh_ttl=REFRESH_TTL,
         )
         store.record(conn, "code", grant["sub"])
     return body

@@ -158,9 +158,7 @@ class Store:
     def take_code(self, code: str) -> dict | None:
         """Return the code's grant and mark it used; None if unknown, used or expired."""
         with self.transaction() as conn:
-            taken = conn.execute(
-                update(codes).where(codes.c.code_hash == digest(code), codes.c.used.is_(False)).values(used=True)
-            ).rowcount
+            taken = conn.execute(update(codes).where(codes.c.code_hash == digest(code), codes.c.used.is_(False)).values(used=True)).rowcount
             row = conn.execute(select(codes).where(codes.c.code_hash == digest(code))).mappings().first()
         if not taken or row is None or row["expires_at"] < time.time():
             return None
@@ -170,15 +168,9 @@ class Store:
         """Issue an access token and a refresh token within the caller's transaction."""
         access, refresh = new_token(), new_token()
         now = time.time()
+        conn.execute(insert(access_tokens).values(token_hash=digest(access), client_id=client_id, sub=sub, scope=access_scope, expires_at=now + access_ttl))
         conn.execute(
-            insert(access_tokens).values(
-                token_hash=digest(access), client_id=client_id, sub=sub, scope=access_scope, expires_at=now + access_ttl
-            )
-        )
-        conn.execute(
-            insert(refresh_tokens).values(
-                token_hash=digest(refresh), client_id=client_id, sub=sub, scope=scope, expires_at=now + refresh_ttl, status="active"
-            )
+            insert(refresh_tokens).values(token_hash=digest(refresh), client_id=client_id, sub=sub, scope=scope, expires_at=now + refresh_ttl, status="active")
         )
         return {"access_token": access, "token_type": "Bearer", "expires_in": access_ttl, "refresh_token": refresh, "scope": access_scope}
 
@@ -232,11 +224,7 @@ class Store:
                 if row is None:
                     return None
                 # Conditional decrement: two processes never consume the same last fault.
-                taken = conn.execute(
-                    update(faults)
-                    .where(faults.c.id == row["id"], faults.c.remaining > 0)
-                    .values(remaining=faults.c.remaining - 1)
-                ).rowcount
+                taken = conn.execute(update(faults).where(faults.c.id == row["id"], faults.c.remaining > 0).values(remaining=faults.c.remaining - 1)).rowcount
             if taken:
                 return dict(row)
 

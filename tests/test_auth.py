@@ -2,7 +2,7 @@
 
 from urllib.parse import parse_qs, urlsplit
 
-from conftest import callback_params, sign_in, stored_user
+from conftest import sign_in
 
 
 def test_sign_in_round_trip_starts_a_session(client):

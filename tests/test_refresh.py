@@ -1,0 +1,201 @@
+"""Silent refresh: leeway, rotation, dead grants, provider faults, and waiters that re-read."""
+
+import json
+import logging
+import threading
+from datetime import timedelta
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from sqlalchemy import update
+
+import tokens
+from conftest import expire_access_token, sign_in, stored_user
+from models import RefreshEvent, User, db, utcnow
+from standin.store import refresh_tokens
+
+
+def test_fresh_token_is_used_without_refresh(app, client, standin):
+    sign_in(client)
+    before = standin.count("refresh")
+    assert client.get("/api/session").status_code == 200
+    assert standin.count("refresh") == before
+
+
+@pytest.mark.parametrize(("seconds_left", "refreshes"), [(59, 1), (61, 0)])
+def test_leeway_boundary(app, client, standin, seconds_left, refreshes):
+    sign_in(client)
+    with app.app_context():
+        user = db.session.execute(db.select(User)).scalar_one()
+        user.access_expires_at = utcnow() + timedelta(seconds=seconds_left)
+        db.session.commit()
+    before = standin.count("refresh")
+    assert client.get("/api/session").status_code == 200
+    assert standin.count("refresh") - before == refreshes
+
+
+def test_expired_access_token_is_refreshed_and_rotation_persisted(app, client, standin):
+    sign_in(client)
+    old = stored_user(app)
+    expire_access_token(app)
+    assert client.get("/api/profile").get_json()["name"] == "Ada Lovelace"
+    new = stored_user(app)
+    assert new.refresh_token != old.refresh_token
+    assert new.access_token != old.access_token
+    assert new.refresh_rotations == old.refresh_rotations + 1
+    assert new.access_expires_at > utcnow() + timedelta(minutes=50)
+    # The provider agrees: the old refresh token is spent, the new one is live.
+    assert standin.refresh_token(old.refresh_token)["status"] == "used"
+    assert standin.refresh_token(new.refresh_token)["status"] == "active"
+
+
+def test_dead_refresh_token_signs_out_page_back_to_same_page(app, client, standin):
+    sign_in(client)
+    standin.inject("invalid_grant")
+    expire_access_token(app)
+    page = client.get("/?tab=1")
+    assert page.status_code == 302
+    location = urlsplit(page.headers["Location"])
+    assert location.path == "/auth/login"
+    assert parse_qs(location.query)["next"] == ["/?tab=1"]
+    user = stored_user(app)
+    assert user.refresh_token is None and user.access_token is None
+    with app.app_context():
+        assert db.session.execute(db.select(User.sessions.any())).scalar() is False
+
+
+def test_dead_refresh_token_answers_401_json_for_api(app, client, standin):
+    sign_in(client)
+    # Expire the refresh token at the provider, as 15 days would.
+    with standin.transaction() as conn:
+        conn.execute(update(refresh_tokens).values(expires_at=0))
+    expire_access_token(app)
+    reply = client.get("/api/session")
+    assert reply.status_code == 401
+    assert reply.get_json()["error"] == "sign_in_required"
+    assert client.get("/api/session").status_code == 401  # the session is gone, not just this request
+
+
+@pytest.mark.parametrize("fault", ["5xx", "timeout", "drop"])
+def test_provider_fault_answers_503_and_keeps_everything(app, client, standin, fault):
+    sign_in(client)
+    before = stored_user(app)
+    standin.inject(fault, delay=3)  # the app's PROVIDER_TIMEOUT is 2 s in tests
+    expire_access_token(app)
+    reply = client.get("/api/session")
+    assert reply.status_code == 503
+    assert reply.get_json()["error"] == "provider_unavailable"
+    after = stored_user(app)
+    assert after.refresh_token == before.refresh_token  # kept: consumed or not, we cannot know
+    if fault == "5xx":
+        # The token was not consumed: the next request succeeds.
+        assert client.get("/api/session").status_code == 200
+        assert stored_user(app).refresh_token != before.refresh_token
+
+
+@pytest.mark.parametrize("fault", ["timeout", "drop"])
+def test_lost_refresh_reply_ends_in_clean_sign_in(app, client, standin, fault):
+    """The provider rotated but its reply was lost: the kept token is now spent, so sign in again, no 500."""
+    sign_in(client)
+    standin.inject(fault, delay=3)
+    expire_access_token(app)
+    assert client.get("/api/session").status_code == 503
+    reply = client.get("/api/session")
+    assert reply.status_code == 401
+    assert reply.get_json()["error"] == "sign_in_required"
+    assert client.get("/").status_code == 200  # signed out cleanly
+    assert sign_in(client).status_code == 302
+    assert client.get("/api/session").status_code == 200
+
+
+def test_provider_down_page_is_503_and_session_survives(app, client, standin):
+    sign_in(client)
+    standin.inject("5xx")
+    expire_access_token(app)
+    page = client.get("/")
+    assert page.status_code == 503
+    assert "try again" in page.get_data(as_text=True).lower()
+    assert client.get("/").status_code == 200
+
+
+def test_waiter_rereads_after_lock_and_does_not_refresh(app, client, standin):
+    """A request that read a stale token before the lock finds it fresh after: no second refresh."""
+    sign_in(client)
+    expire_access_token(app)
+    with app.test_request_context():
+        stale = db.session.execute(db.select(User)).scalar_one()
+        assert tokens.is_stale(stale.access_expires_at, stale.access_token)
+        # Another request (its own thread, so its own app context) refreshes while this one holds its stale copy.
+        other = app.test_client()
+        other.set_cookie(*_session_cookie(client))
+        statuses = []
+        worker = threading.Thread(target=lambda: statuses.append(other.get("/api/session").status_code))
+        worker.start()
+        worker.join()
+        assert statuses == [200]
+        assert tokens.is_stale(stale.access_expires_at, stale.access_token)  # still the copy read before
+        before = standin.count("refresh")
+        fresh = tokens.ensure_fresh_access_token(stale, trigger="test")
+        assert standin.count("refresh") == before
+        assert not tokens.is_stale(fresh.access_expires_at, fresh.access_token)
+        waited = db.session.execute(db.select(RefreshEvent.waiters).order_by(RefreshEvent.id.desc())).scalars().first()
+        assert waited == 1
+
+
+def test_refresh_logs_one_structured_line_without_tokens(app, client, caplog):
+    sign_in(client)
+    expire_access_token(app)
+    user = stored_user(app)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tokens"):
+        client.get("/api/session")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tokens"]
+    assert [line["outcome"] for line in lines] == ["refreshed"]
+    assert {"user_id", "duration_ms", "waited", "trigger", "lock_wait_ms"} <= lines[0].keys()
+    after = stored_user(app)
+    text = caplog.text
+    for secret in (user.refresh_token, user.access_token, after.refresh_token, after.access_token):
+        assert secret not in text
+
+
+def test_restart_keeps_person_signed_in(app_factory, tmp_path):
+    first = app_factory()
+    client = first.test_client()
+    sign_in(client)
+    cookie = _session_cookie(client)
+    second = app_factory()  # a new process on the same databases
+    again = second.test_client()
+    again.set_cookie(*cookie)
+    assert again.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
+    expire_access_token(second)
+    assert again.get("/api/profile").status_code == 200
+
+
+def test_concurrent_requests_refresh_once(app, client, standin):
+    """50 requests of one person at expiry, in real threads: all 200, one refresh at the provider."""
+    sign_in(client)
+    cookie = _session_cookie(client)
+    expire_access_token(app)
+    before = standin.count("refresh")
+    results = []
+    barrier = threading.Barrier(50)
+
+    def call():
+        c = app.test_client()
+        c.set_cookie(*cookie)
+        barrier.wait()
+        results.append(c.get("/api/profile").status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 50
+    assert standin.count("refresh") - before == 1
+    assert standin.count("refresh_rejected") == 0
+
+
+def _session_cookie(client) -> tuple[str, str]:
+    cookie = client.get_cookie("session")
+    return cookie.key, cookie.value
