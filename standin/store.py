@@ -1,6 +1,7 @@
 """The stand-in provider's own storage: codes, tokens, people, counters and injected faults."""
 
 import hashlib
+import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -86,6 +87,8 @@ faults = Table(
     Column("kind", String(16), nullable=False),
     Column("remaining", Integer, nullable=False),
     Column("delay", Float, nullable=False, default=0.0),
+    # The process that took the fault last, so a test can kill the worker stuck in it.
+    Column("taken_by", Integer, nullable=True),
 )
 
 FAULT_KINDS = {"5xx", "timeout", "drop", "invalid_grant"}
@@ -212,21 +215,23 @@ class Store:
         with self.transaction() as conn:
             conn.execute(insert(faults).values(kind=kind, remaining=count, delay=delay))
 
+    def fault_takers(self) -> list[int]:
+        """Return the process ids that took an injected fault."""
+        with self.engine.connect() as conn:
+            return [pid for (pid,) in conn.execute(select(faults.c.taken_by).where(faults.c.taken_by.is_not(None)))]
+
     def clear_faults(self) -> None:
         with self.transaction() as conn:
             conn.execute(delete(faults))
 
     def take_fault(self) -> dict | None:
         """Consume one injected fault, if any is pending."""
-        while True:
-            with self.transaction() as conn:
-                row = conn.execute(select(faults).where(faults.c.remaining > 0).order_by(faults.c.id)).mappings().first()
-                if row is None:
-                    return None
-                # Conditional decrement: two processes never consume the same last fault.
-                taken = conn.execute(update(faults).where(faults.c.id == row["id"], faults.c.remaining > 0).values(remaining=faults.c.remaining - 1)).rowcount
-            if taken:
-                return dict(row)
+        with self.transaction() as conn:  # a write transaction: two processes never take the same last fault
+            row = conn.execute(select(faults).where(faults.c.remaining > 0).order_by(faults.c.id)).mappings().first()
+            if row is None:
+                return None
+            conn.execute(update(faults).where(faults.c.id == row["id"]).values(remaining=faults.c.remaining - 1, taken_by=os.getpid()))
+        return dict(row)
 
 
 def _sqlite_wal(dbapi_connection, _record) -> None:
