@@ -227,7 +227,7 @@ class Store:
     def take_fault(self) -> dict | None:
         """Consume one injected fault, if any is pending."""
         with self.transaction() as conn:  # a write transaction: two processes never take the same last fault
-            row = conn.execute(select(faults).where(faults.c.remaining > 0).order_by(faults.c.id)).mappings().first()
+            row = conn.execute(select(faults).where(faults.c.remaining > 0).order_by(faults.c.id).with_for_update()).mappings().first()
             if row is None:
                 return None
             conn.execute(update(faults).where(faults.c.id == row["id"]).values(remaining=faults.c.remaining - 1, taken_by=os.getpid()))
