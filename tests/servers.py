@@ -1,0 +1,112 @@
+"""Run the real app under gunicorn in its own processes, and sign a person in over real HTTP."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TEST_KEY = "8dPAA3qIkpHyELgsyIDmxI0ZBvP5jsC5Ys2yLAOFb3g="
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env(tmp_path: Path, database_url: str, issuer: str, **extra: str) -> dict:
+    """Return the environment an app process gets: like a deployment, everything by variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OAUTH_", "APS_", "STANDIN_", "TOKEN_", "DATABASE_URL", "SECRET_KEY", "APP_ENV"))}
+    env.update(
+        {
+            "APP_ENV": "development",
+            "SECRET_KEY": "process-test-secret",
+            "TOKEN_ENCRYPTION_KEYS": TEST_KEY,
+            "DATABASE_URL": database_url,
+            "STANDIN_DATABASE_URL": f"sqlite:///{tmp_path / 'standin.sqlite'}",
+            "OAUTH_ISSUER": issuer,
+            "SESSION_COOKIE_SECURE": "false",
+            "STANDIN_STRICT": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def migrate(env: dict) -> None:
+    subprocess.run([BIN / "flask", "--app", "app", "db", "upgrade"], cwd=ROOT, env=env, check=True, capture_output=True)
+
+
+class Gunicorn:
+    """One app instance: a gunicorn master with its workers, in its own process group."""
+
+    def __init__(self, env: dict, port: int, log_path: Path, workers: int = 3, threads: int = 4):
+        self.env, self.port, self.log_path = env, port, log_path
+        self.args = ["--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads), "--timeout", "60"]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Gunicorn":
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [BIN / "gunicorn", *self.args, "app:create_app()"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"gunicorn did not become healthy: {self.log_path.read_text()[-2000:]}")
+
+    def workers(self) -> list[int]:
+        """Return the pids of the master's live worker processes."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+        return found
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def http_sign_in(base_url: str, name: str = "Ada Lovelace") -> requests.Session:
+    """Sign a person in through the stand-in's page over real HTTP; return their browser-like session."""
+    browser = requests.Session()
+    login = browser.get(f"{base_url}/auth/login", allow_redirects=False, timeout=30)
+    authorize = login.headers["Location"]
+    assert browser.get(authorize, timeout=30).status_code == 200
+    consent = browser.post(authorize, data={"name": name}, allow_redirects=False, timeout=30)
+    callback = consent.headers["Location"]
+    done = browser.get(callback, allow_redirects=False, timeout=30)
+    assert done.status_code == 302, done.text
+    assert urlsplit(done.headers["Location"]).path == "/"
+    return browser

@@ -1,0 +1,153 @@
+"""Single-flight refresh across real gunicorn workers and instances, against a strict provider."""
+
+import os
+import signal
+import threading
+import time
+from datetime import datetime
+
+import pytest
+import requests
+
+from servers import Gunicorn, free_port, http_sign_in, migrate, server_env
+from standin.store import Store
+
+pytestmark = pytest.mark.slow
+
+LEEWAY = 60
+# Access tokens live 65 s and count as expired 60 s early: a new expiry every 5 seconds.
+TTL = 65
+
+
+def burst(browser: requests.Session, urls: list[str], count: int = 50) -> list[int | str]:
+    """Send count concurrent requests carrying the person's cookie, spread over urls; return the statuses."""
+    cookies = browser.cookies.get_dict()
+    statuses: list[int | str] = []
+    barrier = threading.Barrier(count)
+
+    def call(url: str) -> None:
+        barrier.wait()
+        try:
+            statuses.append(requests.get(url, cookies=cookies, timeout=60).status_code)
+        except requests.RequestException as exc:
+            statuses.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=call, args=(urls[i % len(urls)],)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def wait_for_expiry(browser: requests.Session, base_url: str) -> None:
+    """Sleep until the person's access token enters the leeway, i.e. the next request must refresh."""
+    expires = datetime.fromisoformat(browser.get(f"{base_url}/api/session", timeout=30).json()["access_token_expires_at"])
+    time.sleep(max(0.0, expires.timestamp() - LEEWAY - time.time()) + 0.3)
+
+
+@pytest.fixture
+def instance(tmp_path, database_url):
+    """Start app instances on this test's database, all sharing one stand-in provider."""
+    started: list[Gunicorn] = []
+    issuer_port = free_port()
+    env = server_env(tmp_path, database_url, f"http://127.0.0.1:{issuer_port}/standin", STANDIN_ACCESS_TOKEN_TTL=str(TTL), TOKEN_REFRESH_LEEWAY=str(LEEWAY))
+    if database_url.startswith("postgresql"):
+        reset_postgres(database_url)
+    migrate(env)
+
+    def start(port: int | None = None, workers: int = 3, **extra: str) -> Gunicorn:
+        port = port or (issuer_port if not started else free_port())
+        server = Gunicorn(env | extra, port, tmp_path / f"gunicorn-{port}.log", workers=workers).start()
+        started.append(server)
+        return server
+
+    start.store = Store(env["STANDIN_DATABASE_URL"])
+    yield start
+    for server in started:
+        server.stop()
+
+
+def reset_postgres(url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+
+
+def test_gunicorn_workers_refresh_once_per_expiry(instance):
+    """3 workers x 4 threads, 50 concurrent requests at each of 5 expiries: no failure, one refresh each."""
+    server = instance()
+    store = instance.store
+    browser = http_sign_in(server.url)
+    for _ in range(5):
+        wait_for_expiry(browser, server.url)
+        before = store.count("refresh")
+        statuses = burst(browser, [f"{server.url}/api/profile", f"{server.url}/api/session"])
+        assert statuses == [200] * 50
+        assert store.count("refresh") - before == 1
+    assert store.count("refresh_rejected") == 0
+
+
+def test_two_instances_share_one_refresh_per_expiry(instance, database_url):
+    """Two gunicorn instances on two ports share one database, like machines behind a balancer."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("several instances share PostgreSQL, not a SQLite file")
+    first = instance(workers=2)
+    second = instance()
+    store = instance.store
+    browser = http_sign_in(first.url)
+    for _ in range(3):
+        wait_for_expiry(browser, first.url)
+        before = store.count("refresh")
+        urls = [f"{first.url}/api/profile", f"{second.url}/api/profile", f"{second.url}/api/session"]
+        assert burst(browser, urls) == [200] * 50
+        assert store.count("refresh") - before == 1
+    assert store.count("refresh_rejected") == 0
+
+
+def test_worker_killed_while_holding_the_lock(instance):
+    """SIGKILL the worker stuck in a refresh: the database frees its lock and the others carry on."""
+    server = instance(PROVIDER_TIMEOUT="20")
+    store = instance.store
+    browser = http_sign_in(server.url)
+    wait_for_expiry(browser, server.url)
+    store.inject("timeout", delay=8)  # the provider hangs inside the refresh, after the lock is taken
+    before = store.count("refresh")
+
+    stuck: list[int | str] = []
+    holder = threading.Thread(target=lambda: stuck.extend(burst(browser, [f"{server.url}/api/session"], count=1)))
+    holder.start()
+    deadline = time.monotonic() + 20
+    while not store.fault_takers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (victim,) = store.fault_takers()
+    assert victim in server.workers()
+
+    # Others queue behind the lock, then the holder dies mid-refresh.
+    waiters: list[int | str] = []
+    queued = threading.Thread(target=lambda: waiters.extend(burst(browser, [f"{server.url}/api/session"], count=10)))
+    queued.start()
+    time.sleep(0.5)
+    os.kill(victim, signal.SIGKILL)
+    holder.join()
+    queued.join()
+
+    assert stuck != [200]  # the killed request itself is lost
+    # Requests that landed on the killed worker die with it; every other one succeeds.
+    assert set(waiters) <= {200, "ConnectionError"} and 200 in waiters
+    assert browser.get(f"{server.url}/api/profile", timeout=30).status_code == 200
+    # The provider never rotated in the dead worker, so the kept token still worked: one refresh, no sign-out.
+    assert store.count("refresh") - before == 1
+    assert store.count("refresh_rejected") == 0
+
+
+def test_restart_between_requests_keeps_person_signed_in(instance):
+    server = instance()
+    browser = http_sign_in(server.url)
+    server.stop()
+    restarted = instance(port=server.port)
+    assert browser.get(f"{restarted.url}/api/session", timeout=30).json()["user"]["name"] == "Ada Lovelace"
+    wait_for_expiry(browser, restarted.url)
+    assert browser.get(f"{restarted.url}/api/profile", timeout=30).status_code == 200
