@@ -46,13 +46,17 @@ def login() -> Response:
 @bp.get("/callback")
 def callback() -> Response:
     """Finish sign-in: check state, exchange the code, read the person, start a session."""
-    flow = _take_flow()
+    flow = _read_flow()
     args = request.args
+    state_matches = flow is not None and _same(args.get("state", ""), flow["state"])
+    if state_matches or (flow is None and request.cookies.get(_flow_cookie())):
+        g.clear_flow_cookie = True  # this browser's sign-in is used up (or unreadable), whatever happens next
     if "error" in args:
-        return _failed(400, "The provider did not sign you in.", args.get("error_description") or args["error"])
+        return _failed(400, "The provider did not sign you in.", _provider_error_text(args["error"]))
     if flow is None:
         return _failed(400, "This sign-in expired or was started in another browser.", "Please start again.")
-    if not hmac.compare_digest(args.get("state", ""), flow["state"]):
+    if not state_matches:
+        # Not this browser's sign-in (forged, or a code meant for someone else): leave its own flow be.
         return _failed(400, "This sign-in link is not the one this browser started.", "Please start again.")
     provider = current_app.extensions["provider"]
     if "iss" in args and args["iss"] != provider.endpoints.issuer:
@@ -164,9 +168,8 @@ def _flow_serializer() -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt="sign-in-flow")
 
 
-def _take_flow() -> dict | None:
-    """Read this browser's pre-sign-in state; the callback clears it, so it is single-use."""
-    g.clear_flow_cookie = True
+def _read_flow() -> dict | None:
+    """Read this browser's pre-sign-in state (None if missing, tampered, oversized or expired)."""
     raw = request.cookies.get(_flow_cookie(), "")
     if not raw or len(raw) > 1024:
         return None
@@ -177,6 +180,27 @@ def _take_flow() -> dict | None:
     if not isinstance(flow, dict) or not all(isinstance(flow.get(k), str) for k in ("state", "verifier", "next")):
         return None
     return flow
+
+
+def _same(sent: str, expected: str) -> bool:
+    # compare_digest refuses non-ASCII str, and anything may arrive in a query string.
+    return hmac.compare_digest(sent.encode(), expected.encode())
+
+
+# The provider's error codes (RFC 6749 §4.1.2.1) in words; its error_description is not shown,
+# since anyone can put any text into a callback link.
+PROVIDER_ERRORS = {
+    "access_denied": "You chose not to sign in, or the provider refused access.",
+    "login_required": "The provider needs you to sign in there first.",
+    "consent_required": "The provider needs your consent first.",
+    "temporarily_unavailable": "The provider is busy right now.",
+    "server_error": "The provider ran into a problem.",
+}
+
+
+def _provider_error_text(error: str) -> str:
+    reason = PROVIDER_ERRORS.get(error, "The provider could not complete the sign-in.")
+    return f"{reason} Please try again."
 
 
 def _failed(status: int, title: str, detail: str) -> tuple[str, int]:

@@ -1,0 +1,101 @@
+"""Refuse requests that ask too often or too much, before they reach the database or the provider.
+
+Sign-in and callback are limited per client address (SIGNIN_RATE_LIMIT, such as "20/minute"),
+so one client cannot make us hammer the provider. The counters live in this process's memory:
+with several workers or instances each keeps its own, so a client may get up to (workers x
+limit) through. request.remote_addr must be the client's address, so behind a reverse proxy
+the app must trust that proxy's X-Forwarded-For (werkzeug's ProxyFix); otherwise every client
+shares the proxy's address and one limit.
+"""
+
+import re
+import threading
+import time
+from collections import deque
+
+from flask import Flask, Response, current_app, render_template, request
+from werkzeug.exceptions import RequestHeaderFieldsTooLarge, RequestURITooLarge
+
+from config import ConfigError
+
+LIMITED_ENDPOINTS = ("auth.login", "auth.callback")
+UNITS = {"second": 1, "minute": 60, "hour": 3600}
+# About what gunicorn itself accepts (limit_request_line 4094, limit_request_field_size 8190),
+# so the app answers the same with or without it in front.
+MAX_QUERY_STRING = 4096
+MAX_HEADER_VALUE = 8190
+MAX_HEADERS_TOTAL = 32 * 1024
+
+
+class RateLimiter:
+    """Allow at most `limit` hits per `window` seconds for each key (sliding window, thread-safe)."""
+
+    def __init__(self, limit: int, window: float):
+        self.limit, self.window = limit, window
+        self.hits: dict[str, deque[float]] = {}
+        self.lock = threading.Lock()
+        self.checks = 0
+
+    def hit(self, key: str) -> float:
+        """Count a hit; return 0 if allowed, else the seconds until the next one would be."""
+        now = time.monotonic()
+        with self.lock:
+            self.checks += 1
+            if self.checks % 1000 == 0:
+                self._forget_idle(now)
+            hits = self.hits.setdefault(key, deque())
+            while hits and hits[0] <= now - self.window:
+                hits.popleft()
+            if len(hits) >= self.limit:
+                return hits[0] + self.window - now
+            hits.append(now)
+            return 0.0
+
+    def _forget_idle(self, now: float) -> None:
+        # Keep memory bounded by the clients of the last window.
+        for key in [k for k, hits in self.hits.items() if not hits or hits[-1] <= now - self.window]:
+            del self.hits[key]
+
+
+def parse_rate(value: str | None) -> tuple[int, int] | None:
+    """Read "20/minute" as (20, 60); "off" (or empty) as None."""
+    text = (value or "").strip().lower()
+    if text in ("", "off", "0", "none", "false"):
+        return None
+    match = re.fullmatch(r"(\d+)\s*/\s*(second|minute|hour)", text)
+    if not match or int(match[1]) < 1:
+        raise ConfigError(f"SIGNIN_RATE_LIMIT must look like 20/minute (per second, minute or hour) or off, got {value!r}.")
+    return int(match[1]), UNITS[match[2]]
+
+
+def init_app(app: Flask) -> None:
+    """Install the size checks and, unless switched off, the sign-in rate limit."""
+    rate = parse_rate(app.config.get("SIGNIN_RATE_LIMIT", "20/minute"))
+    app.extensions["signin_limiter"] = RateLimiter(*rate) if rate else None
+    app.before_request(check_size)
+    app.before_request(check_rate)
+
+
+def check_size() -> None:
+    """Answer 414/431 for a query string or headers larger than any real client sends."""
+    if len(request.query_string) > MAX_QUERY_STRING:
+        raise RequestURITooLarge("The address is too long.")
+    total = 0
+    for name, value in request.headers.items():
+        total += len(name) + len(value)
+        if len(value) > MAX_HEADER_VALUE or total > MAX_HEADERS_TOTAL:
+            raise RequestHeaderFieldsTooLarge("The request's headers (perhaps its cookies) are too large; clearing this site's cookies helps.")
+
+
+def check_rate() -> Response | None:
+    """Answer 429 when this client address has started too many sign-ins lately."""
+    limiter = current_app.extensions.get("signin_limiter")
+    if limiter is None or request.endpoint not in LIMITED_ENDPOINTS:
+        return None
+    wait = limiter.hit(f"{request.endpoint} {request.remote_addr or 'unknown'}")
+    if not wait:
+        return None
+    seconds = max(1, round(wait))
+    detail = f"Too many sign-in attempts from your network. Please wait {seconds} seconds and try again."
+    page = render_template("error.html", title="Too many sign-in attempts", detail=detail, retry=None)
+    return Response(page, status=429, headers={"Retry-After": str(seconds)})
