@@ -51,7 +51,7 @@ class Gunicorn:
 
     def __init__(self, env: dict, port: int, log_path: Path, workers: int = 3, threads: int = 4):
         self.env, self.port, self.log_path = env, port, log_path
-        self.args = ["--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads), "--timeout", "60"]
+        self.args = ["--no-control-socket", "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads), "--timeout", "60"]
         self.process: subprocess.Popen | None = None
 
     @property
