@@ -1,10 +1,231 @@
-"""What a person sees."""
+"""What a person sees: home, the token lifecycle made visible, their devices, and the viewer demo."""
 
-from flask import Blueprint, g, render_template
+import functools
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from flask import Blueprint, Response, abort, current_app, g, jsonify, redirect, render_template, request, url_for
+from sqlalchemy import func, select
+
+from models import RefreshEvent, User, UserSession, db, utcnow
+from redirects import safe_next
+from tokens import REFRESH_TOKEN_LIFETIME
 
 bp = Blueprint("pages", __name__)
+
+RECENT_REFRESHES = 8
+
+# The APS Viewer loads its code, styles, fonts, workers and model data from Autodesk's hosts.
+APS_VIEWER_JS = "https://developer.api.autodesk.com/modelderivative/v2/viewers/7.*/viewer3D.min.js"
+APS_VIEWER_CSS = "https://developer.api.autodesk.com/modelderivative/v2/viewers/7.*/style.min.css"
+APS_VIEWER_CSP = (
+    "default-src 'self'; "
+    "script-src 'self' https://developer.api.autodesk.com; "
+    "style-src 'self' 'unsafe-inline' https://developer.api.autodesk.com; "
+    "img-src 'self' data: blob: https://*.autodesk.com; "
+    "font-src 'self' data: https://*.autodesk.com; "
+    "connect-src 'self' https://*.autodesk.com wss://*.autodesk.com; "
+    "worker-src 'self' blob:; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def login_required(view: Callable) -> Callable:
+    """Send a signed-out person through sign-in and back to this page."""
+
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        if g.get("user") is None:
+            return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?"))))
+        return view(*args, **kwargs)
+
+    return wrapped
 
 
 @bp.get("/")
 def home():
     return render_template("home.html", user=g.get("user"))
+
+
+@bp.get("/session")
+@login_required
+def session_page():
+    """Show the person's tokens as a live timeline (static/lifecycle.js keeps it current)."""
+    return render_template("session.html", life=lifecycle(g.user))
+
+
+@bp.get("/api/lifecycle")
+def lifecycle_json():
+    """Describe the person's token lifecycle for the session page; times only, never a token.
+
+    Polling this goes through the before-request hook like any request, so when the access token
+    is due, this very request refreshes it, and the answer shows that refresh.
+    """
+    if g.get("user") is None:
+        abort(401)
+    return jsonify(lifecycle(g.user))
+
+
+@bp.get("/devices")
+@login_required
+def devices():
+    now = utcnow()
+    live = sorted((s for s in g.user.sessions if s.expires_at > now), key=lambda s: s.last_seen_at, reverse=True)
+    rows = [{"session": s, "browser": describe_agent(s.user_agent), "this": s.id_hash == g.session.id_hash} for s in live]
+    return render_template("devices.html", rows=rows)
+
+
+@bp.get("/viewer")
+@login_required
+def viewer():
+    """Show how a browser-side viewer gets and renews its narrow token from /api/viewer-token."""
+    config = current_app.config
+    aps = config["OAUTH_PROVIDER"] == "autodesk"
+    html = render_template(
+        "viewer.html",
+        aps=aps,
+        aps_js=APS_VIEWER_JS,
+        aps_css=APS_VIEWER_CSS,
+        urn=request.args.get("urn", "") if aps else "",
+        viewer_scope=config["OAUTH_VIEWER_SCOPE"],
+        full_scope=config["OAUTH_SCOPES"],
+        leeway=config["TOKEN_REFRESH_LEEWAY"],
+    )
+    response = Response(html)
+    if aps:
+        # Only this page runs Autodesk's code; the app's strict policy (set by default) holds everywhere else.
+        response.headers["Content-Security-Policy"] = APS_VIEWER_CSP
+    return response
+
+
+def lifecycle(user: User) -> dict:
+    """Return the times that keep the person signed in, as seconds from now and ISO instants."""
+    now = utcnow()
+    leeway = current_app.config["TOKEN_REFRESH_LEEWAY"]
+    events = (
+        db.session.execute(select(RefreshEvent).where(RefreshEvent.user_id == user.id).order_by(RefreshEvent.id.desc()).limit(RECENT_REFRESHES)).scalars().all()
+    )
+    access_issued = _latest(user, "access") or user.signed_in_at
+    viewer_issued = _latest(user, "viewer") or user.signed_in_at
+    sessions = db.session.execute(select(func.count()).where(UserSession.user_id == user.id, UserSession.expires_at > now)).scalar_one()
+
+    def since(moment: datetime | None) -> float | None:
+        return None if moment is None else round((now - moment).total_seconds(), 1)
+
+    def until(moment: datetime | None) -> float | None:
+        return None if moment is None else round((moment - now).total_seconds(), 1)
+
+    access_refresh_at = user.access_expires_at - timedelta(seconds=leeway) if user.access_expires_at else None
+    return {
+        "now": _iso(now),
+        "leeway_seconds": leeway,
+        "person": {"name": user.name, "email": user.email},
+        "signed_in_at": _iso(user.signed_in_at),
+        "signed_in_ago": since(user.signed_in_at),
+        "sessions": sessions,
+        "access": {
+            "issued_ago": since(access_issued),
+            "expires_at": _iso(user.access_expires_at),
+            "expires_in": until(user.access_expires_at),
+            "refresh_at": _iso(access_refresh_at),
+            "refresh_in": until(access_refresh_at),
+        },
+        "refresh": {
+            "issued_at": _iso(user.refresh_issued_at),
+            "age": since(user.refresh_issued_at),
+            "expires_at": _iso(user.refresh_expires_at),
+            "expires_in": until(user.refresh_expires_at),
+            "lifetime": int(REFRESH_TOKEN_LIFETIME.total_seconds()),
+            "rotations": user.refresh_rotations,
+        },
+        "viewer": {
+            "issued_ago": since(viewer_issued) if user.viewer_expires_at else None,
+            "expires_at": _iso(user.viewer_expires_at),
+            "expires_in": until(user.viewer_expires_at),
+            "scope": user.viewer_scope or "",
+        },
+        "refreshes": [
+            {
+                "id": e.id,
+                "at": _iso(e.at),
+                "ago": since(e.at),
+                "kind": e.kind,
+                "outcome": e.outcome,
+                "trigger": e.trigger,
+                "waiters": e.waiters,
+                "duration_ms": e.duration_ms,
+            }
+            for e in events
+        ],
+    }
+
+
+def _latest(user: User, kind: str) -> datetime | None:
+    """Return when the person's access (or viewer) token was last refreshed."""
+    query = select(func.max(RefreshEvent.at)).where(RefreshEvent.user_id == user.id, RefreshEvent.kind == kind, RefreshEvent.outcome == "refreshed")
+    latest = db.session.execute(query).scalar_one_or_none()
+    if latest is not None and latest.tzinfo is None:
+        latest = latest.replace(tzinfo=UTC)  # SQLite's max() bypasses the column type
+    # A sign-in after the last refresh issued the current token.
+    if latest is None or (user.signed_in_at and user.signed_in_at > latest):
+        return user.signed_in_at
+    return latest
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="seconds")
+
+
+BROWSERS = [
+    ("Edge", r"Edg(?:e|A|iOS)?/(\d+)"),
+    ("Opera", r"OPR/(\d+)"),
+    ("Headless Chrome", r"HeadlessChrome/(\d+)"),
+    ("Chrome", r"(?:Chrome|CriOS)/(\d+)"),
+    ("Firefox", r"(?:Firefox|FxiOS)/(\d+)"),
+    ("Safari", r"Version/(\d+).*Safari/"),
+    ("curl", r"^curl/(\d+)"),
+    ("Python requests", r"python-requests/(\d+)"),
+    ("Werkzeug test client", r"Werkzeug/(\d+)"),
+]
+SYSTEMS = [
+    ("Android", "Android"),
+    ("iPhone", "iOS"),
+    ("iPad", "iPadOS"),
+    ("Windows", "Windows"),
+    ("Mac OS X", "macOS"),
+    ("CrOS", "ChromeOS"),
+    ("Linux", "Linux"),
+]
+
+
+def describe_agent(user_agent: str) -> str:
+    """Name the browser and system in a User-Agent header, such as "Firefox 133 on Windows"."""
+    browser = next((f"{name} {m.group(1)}" for name, pattern in BROWSERS if (m := re.search(pattern, user_agent))), "Unknown browser")
+    system = next((label for marker, label in SYSTEMS if marker in user_agent), "")
+    return f"{browser} on {system}" if system else browser
+
+
+@bp.app_template_filter("duration")
+def duration(seconds: float | None) -> str:
+    """Say a number of seconds the way a person would: "45 s", "4 min 5 s", "14 d 23 h"."""
+    if seconds is None:
+        return "–"
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+@bp.app_template_filter("clock")
+def clock(moment: datetime | str | None) -> str:
+    """Show an instant as a UTC time of day with its date."""
+    if moment is None:
+        return "–"
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    return moment.astimezone(UTC).strftime("%d %b %Y, %H:%M:%S UTC")

@@ -1,0 +1,279 @@
+// Keep the session page live: poll /api/lifecycle, tick the countdowns, draw the timeline.
+// Polling goes through the server's sign-in hook, so the poll that finds the access token due
+// is the request that refreshes it: the page shows a real silent refresh, not a simulation.
+(function () {
+  "use strict";
+
+  var root = document.getElementById("lifecycle");
+  if (!root) return;
+  var SVG = "http://www.w3.org/2000/svg";
+  var POLL_MS = 10000;
+  var url = root.dataset.url;
+  var state = null; // the last answer; its offsets count in seconds from `base`
+  var base = 0; // Date.now() when that answer arrived, so the client clock never needs to agree with the server's
+  var pollTimer = null;
+  var tickTimer = null;
+
+  function $(id) { return document.getElementById(id); }
+
+  function set(id, text) {
+    var el = $(id);
+    if (el && el.textContent !== text) el.textContent = text;
+  }
+
+  function duration(seconds) {
+    var s = Math.max(0, Math.floor(seconds));
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+    if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+    return Math.floor(s / 86400) + " d " + Math.floor((s % 86400) / 3600) + " h";
+  }
+
+  function clock(ms) {
+    return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  }
+
+  function day(ms) {
+    return new Date(ms).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+  }
+
+  // An instant in client milliseconds, from an offset in seconds relative to the answer's "now".
+  function at(offset) { return base + offset * 1000; }
+
+  function say(message, kind, link) {
+    var el = $("live-status");
+    el.className = "status" + (kind ? " status-" + kind : "");
+    el.textContent = message;
+    if (link) {
+      var a = document.createElement("a");
+      a.href = link.href;
+      a.textContent = link.text;
+      el.append(" ", a);
+    }
+  }
+
+  function poll() {
+    clearTimeout(pollTimer);
+    fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin", cache: "no-store" })
+      .then(function (reply) {
+        if (reply.status === 401) {
+          signedOut();
+          return null;
+        }
+        return reply.json().then(function (body) {
+          if (!reply.ok) throw new Error(body.message || "The server answered " + reply.status + ".");
+          return body;
+        });
+      })
+      .then(function (body) {
+        if (!body) return;
+        receive(body);
+        schedule();
+      })
+      .catch(function (error) {
+        say(error.message + " Trying again in a few seconds.", "warn");
+        pollTimer = setTimeout(poll, 5000);
+      });
+  }
+
+  // Ask again soon after the refresh falls due, so the refresh happens while the person watches.
+  function schedule() {
+    var wait = POLL_MS;
+    var due = at(state.access.refresh_in) - Date.now() + 750;
+    if (due > 0 && due < wait) wait = due;
+    pollTimer = setTimeout(poll, Math.max(1000, wait));
+  }
+
+  function signedOut() {
+    clearTimeout(pollTimer);
+    clearInterval(tickTimer);
+    root.classList.add("signed-out");
+    say("You are signed out here: this device was signed out, or your sign-in ended.", "warn", {
+      href: "/auth/login?next=" + encodeURIComponent(location.pathname),
+      text: "Sign in again",
+    });
+  }
+
+  function receive(data) {
+    var previous = state;
+    base = Date.now();
+    state = data;
+    var newest = previous && previous.refreshes.length ? previous.refreshes[0].id : 0;
+    var fresh = previous ? data.refreshes.filter(function (e) { return e.id > newest; }) : [];
+    if (fresh.length) announce(fresh);
+    set("last-checked", "Last checked " + clock(base) + "; checking again every few seconds.");
+    set("rotations", String(data.refresh.rotations));
+    set("rotations-word", data.refresh.rotations === 1 ? "rotation" : "rotations");
+    set("sessions", String(data.sessions));
+    set("viewer-scope", data.viewer.scope || "–");
+    setTime("access-expires", data.access.expires_in, clock);
+    setTime("refresh-at", data.access.refresh_in, clock);
+    setTime("refresh-expires", data.refresh.expires_in, day);
+    renderTable(data.refreshes);
+    tick();
+  }
+
+  function announce(events) {
+    var access = events.filter(function (e) { return e.kind === "access"; })[0] || events[0];
+    var when = clock(at(-access.ago));
+    if (access.outcome === "refreshed") {
+      say("Silently refreshed your " + access.kind + " token at " + when + ", triggered by " + access.trigger +
+          ". The refresh token was rotated (" + state.refresh.rotations + " so far).", "ok");
+      root.classList.remove("flash");
+      void root.offsetWidth; // restart the highlight animation
+      root.classList.add("flash");
+    } else {
+      say("A refresh at " + when + " ended with " + access.outcome + ".", "warn");
+    }
+  }
+
+  function setTime(id, offset, format) {
+    var el = $(id);
+    if (!el || offset === null) return;
+    var ms = at(offset);
+    el.dateTime = new Date(ms).toISOString();
+    el.textContent = format(ms);
+  }
+
+  function renderTable(events) {
+    var body = $("refreshes");
+    var rows = events.map(function (e) {
+      var tr = document.createElement("tr");
+      var waited = e.waiters ? e.waiters + (e.waiters === 1 ? " request" : " requests") : "–";
+      [clock(at(-e.ago)), e.kind, e.outcome, e.trigger, waited, e.duration_ms + " ms"].forEach(function (text, i) {
+        var td = document.createElement("td");
+        if (i === 3) {
+          var code = document.createElement("code");
+          code.textContent = text;
+          td.append(code);
+        } else {
+          td.textContent = text;
+        }
+        if (i === 2) td.className = "outcome-" + e.outcome;
+        tr.append(td);
+      });
+      return tr;
+    });
+    if (!rows.length) {
+      var tr = document.createElement("tr");
+      var td = document.createElement("td");
+      td.colSpan = 6;
+      td.textContent = "No refresh yet: your access token has not needed one.";
+      tr.append(td);
+      rows.push(tr);
+    }
+    body.replaceChildren.apply(body, rows);
+  }
+
+  function tick() {
+    if (!state) return;
+    var now = Date.now();
+    var since = (now - base) / 1000;
+    var a = state.access;
+    var left = a.expires_in - since;
+    set("access-countdown", left > 0 ? duration(left) : "expired");
+    var due = a.refresh_in - since;
+    set("refresh-countdown", due > 0 ? "in " + duration(due) : "due now");
+    root.classList.toggle("refresh-due", due <= 0);
+    set("refresh-age", duration(state.refresh.age + since));
+    set("refresh-expires-in", duration(state.refresh.expires_in - since));
+    set("signed-in-ago", duration(state.signed_in_ago + since));
+    var v = state.viewer;
+    if (v.expires_in === null) set("viewer-countdown", "not fetched yet");
+    else if (v.expires_in - since > 0) set("viewer-countdown", "in " + duration(v.expires_in - since));
+    else set("viewer-countdown", "expired; the viewer gets a new one when it next asks");
+    draw(now);
+  }
+
+  // --- the picture -------------------------------------------------------------------------
+
+  function el(name, attrs, title) {
+    var node = document.createElementNS(SVG, name);
+    Object.keys(attrs).forEach(function (key) { node.setAttribute(key, attrs[key]); });
+    if (title) {
+      var t = document.createElementNS(SVG, "title");
+      t.textContent = title;
+      node.append(t);
+    }
+    return node;
+  }
+
+  function bar(from, to, cls, scale, title) {
+    var x = scale(from);
+    return el("rect", { x: x + "%", y: "20%", width: Math.max(0, scale(to) - x) + "%", height: "60%", rx: 3, class: cls }, title);
+  }
+
+  function nowLine(x) {
+    return el("line", { x1: x + "%", x2: x + "%", y1: "0", y2: "100%", class: "now" });
+  }
+
+  function lifeBar(start, end, dueAt, now, scale, label) {
+    return [
+      el("rect", { x: "0", y: "0", width: "100%", height: "100%", class: "track-bg" }),
+      bar(start, end, "life", scale, label + " valid " + clock(start) + " – " + clock(end)),
+      bar(start, Math.min(now, end), "used", scale),
+      bar(dueAt, end, "zone", scale, "Refresh zone from " + clock(dueAt)),
+      nowLine(scale(now)),
+    ];
+  }
+
+  function draw(now) {
+    var s = state;
+    var a = s.access;
+    var leeway = s.leeway_seconds;
+    var aStart = at(-(a.issued_ago || 0));
+    var aEnd = at(a.expires_in);
+    // Show some time before the token was issued, so earlier refreshes stay in view.
+    var span = Math.max(aEnd - aStart, 1000);
+    var start = Math.min(aStart, now) - span * 0.4;
+    var end = Math.max(aEnd, now) + span * 0.05;
+    var scale = function (t) { return Math.min(100, Math.max(0, ((t - start) / (end - start)) * 100)); };
+
+    $("track-access").replaceChildren.apply($("track-access"), lifeBar(aStart, aEnd, at(a.refresh_in), now, scale, "Access token"));
+
+    var v = s.viewer;
+    var viewer = [el("rect", { x: "0", y: "0", width: "100%", height: "100%", class: "track-bg" })];
+    if (v.expires_in !== null && v.issued_ago !== null) {
+      var vEnd = at(v.expires_in);
+      viewer = lifeBar(at(-v.issued_ago), vEnd, vEnd - leeway * 1000, now, scale, "Viewer token");
+    } else {
+      viewer.push(nowLine(scale(now)));
+    }
+    $("track-viewer").replaceChildren.apply($("track-viewer"), viewer);
+
+    var events = [el("rect", { x: "0", y: "0", width: "100%", height: "100%", class: "track-bg" })];
+    var shown = 0;
+    s.refreshes.forEach(function (e) {
+      var t = at(-e.ago);
+      if (t < start) return;
+      shown += 1;
+      var cls = "event event-" + e.kind + (e.outcome === "refreshed" ? "" : " event-failed");
+      events.push(el("circle", { cx: scale(t) + "%", cy: "50%", r: 6, class: cls }, e.kind + " " + e.outcome + " at " + clock(t) + " (" + e.trigger + ")"));
+    });
+    events.push(nowLine(scale(now)));
+    $("track-events").replaceChildren.apply($("track-events"), events);
+
+    var r = s.refresh;
+    var age = r.age + (now - base) / 1000;
+    var used = Math.max(0.4, Math.min(100, (age / r.lifetime) * 100));
+    $("track-refresh").replaceChildren(
+      el("rect", { x: "0", y: "0", width: "100%", height: "100%", class: "track-bg" }),
+      el("rect", { x: "0", y: "20%", width: "100%", height: "60%", rx: 3, class: "life life-refresh" }),
+      el("rect", { x: "0", y: "20%", width: used + "%", height: "60%", rx: 3, class: "used" }),
+      nowLine(used)
+    );
+
+    set("axis-start", clock(start));
+    set("axis-end", clock(end));
+    set("timeline-summary",
+      "Access token valid from " + clock(aStart) + " to " + clock(aEnd) + "; silent refresh due from " +
+      clock(at(a.refresh_in)) + ". " + shown + " recent refreshes shown.");
+  }
+
+  document.documentElement.classList.add("js");
+  document.addEventListener("visibilitychange", function () {
+    if (document.visibilityState === "visible") poll();
+  });
+  tickTimer = setInterval(tick, 1000);
+  poll();
+})();

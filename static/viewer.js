@@ -1,0 +1,147 @@
+// The viewer demo: get the narrow viewer token from /api/viewer-token and renew it before it expires,
+// the way a browser-side viewer (APS Viewer's getAccessToken callback) does.
+(function () {
+  "use strict";
+
+  var root = document.getElementById("viewer-demo");
+  if (!root) return;
+  var url = root.dataset.url;
+  var leeway = Number(root.dataset.leeway) || 0;
+  var current = null; // {token, scope, expiresAt, renewAt} in client milliseconds
+  var received = []; // tokens this page got, newest first
+  var timer = null;
+
+  function $(id) { return document.getElementById(id); }
+
+  function set(id, text) {
+    var el = $(id);
+    if (el && el.textContent !== text) el.textContent = text;
+  }
+
+  function duration(seconds) {
+    var s = Math.max(0, Math.floor(seconds));
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+    return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+  }
+
+  function clock(ms) {
+    return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  }
+
+  // Never show a whole token on screen: the first characters tell renewals apart.
+  function truncate(token) { return token.slice(0, 8) + "…"; }
+
+  function say(message, kind, link) {
+    var el = $("viewer-status");
+    el.className = "status" + (kind ? " status-" + kind : "");
+    el.textContent = message;
+    if (link) {
+      var a = document.createElement("a");
+      a.href = link.href;
+      a.textContent = link.text;
+      el.append(" ", a);
+    }
+  }
+
+  function getToken() {
+    return fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin", cache: "no-store" }).then(function (reply) {
+      return reply.json().then(function (body) {
+        if (reply.status === 401) {
+          var error = new Error("You are signed out.");
+          error.signedOut = true;
+          throw error;
+        }
+        if (!reply.ok) throw new Error(body.message || "The server answered " + reply.status + ".");
+        return body;
+      });
+    });
+  }
+
+  function renew() {
+    clearTimeout(timer);
+    getToken()
+      .then(function (body) {
+        var now = Date.now();
+        var isNew = !current || current.token !== body.access_token;
+        // The server hands out the same token until it is within the leeway of expiry, so ask just after that.
+        var wait = body.expires_in - leeway + 1;
+        if (wait < 5) wait = Math.max(5, body.expires_in / 2);
+        current = { token: body.access_token, scope: body.scope, expiresAt: now + body.expires_in * 1000, renewAt: now + wait * 1000 };
+        if (isNew) {
+          received.unshift({ at: now, token: truncate(body.access_token), scope: body.scope, expiresIn: body.expires_in });
+          received = received.slice(0, 8);
+          if (received.length > 1) say("Renewed the viewer token at " + clock(now) + ".", "ok");
+          render();
+        }
+        timer = setTimeout(renew, wait * 1000);
+        tick();
+      })
+      .catch(function (error) {
+        if (error.signedOut) {
+          say("You are signed out.", "warn", { href: "/auth/login?next=" + encodeURIComponent(location.pathname), text: "Sign in again" });
+          return;
+        }
+        say(error.message + " Trying again in a few seconds.", "warn");
+        timer = setTimeout(renew, 5000);
+      });
+  }
+
+  function render() {
+    set("viewer-scope", current.scope);
+    set("viewer-token", truncate(current.token));
+    set("viewer-renewals", String(received.length - 1));
+    var rows = received.map(function (r) {
+      var tr = document.createElement("tr");
+      [clock(r.at), r.token, r.scope, duration(r.expiresIn)].forEach(function (text, i) {
+        var td = document.createElement("td");
+        if (i === 1 || i === 2) {
+          var code = document.createElement("code");
+          code.textContent = text;
+          td.append(code);
+        } else {
+          td.textContent = text;
+        }
+        tr.append(td);
+      });
+      return tr;
+    });
+    $("viewer-log").replaceChildren.apply($("viewer-log"), rows);
+  }
+
+  function tick() {
+    if (!current) return;
+    var now = Date.now();
+    var left = (current.expiresAt - now) / 1000;
+    set("viewer-countdown", left > 0 ? duration(left) : "expired");
+    var renewIn = (current.renewAt - now) / 1000;
+    set("viewer-renew", renewIn > 0 ? "in " + duration(renewIn) : "now");
+  }
+
+  // With OAUTH_PROVIDER=autodesk the page also loads the APS Viewer, which calls this for its token.
+  function startApsViewer() {
+    var Viewing = window.Autodesk.Viewing;
+    var options = {
+      env: "AutodeskProduction2",
+      api: "streamingV2",
+      getAccessToken: function (onSuccess) {
+        getToken().then(function (body) { onSuccess(body.access_token, body.expires_in); });
+      },
+    };
+    Viewing.Initializer(options, function () {
+      var viewer = new Viewing.GuiViewer3D($("aps-viewer"));
+      viewer.start();
+      var urn = root.dataset.urn;
+      if (!urn) return;
+      Viewing.Document.load("urn:" + urn, function (doc) {
+        viewer.loadDocumentNode(doc, doc.getRoot().getDefaultGeometry());
+      }, function (code) {
+        say("The viewer could not load that model (error " + code + ").", "warn");
+      });
+    });
+  }
+
+  setInterval(tick, 1000);
+  renew();
+  if (window.Autodesk && window.Autodesk.Viewing) startApsViewer();
+})();
