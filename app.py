@@ -12,11 +12,15 @@ from flask_migrate import Migrate
 from sqlalchemy import event
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import api
 import auth
 import config
 import csrf
+import housekeeping
+import keys
+import limits
 import pages
 import sessions
 import standin
@@ -41,6 +45,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.extensions["token_cipher"] = _cipher(app.config["TOKEN_ENCRYPTION_KEYS"])
         _init_database(app)
         _init_provider(app)
+        _trust_proxies(app)
+        limits.init_app(app)  # before load_person: a refused request costs no database work
     except config.ConfigError as exc:
         raise SystemExit(f"Configuration error: {exc}") from None
 
@@ -57,6 +63,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_error_handler(tokens.RefreshUnavailable, provider_unavailable)
     app.register_error_handler(HTTPException, http_error)
     app.jinja_env.globals["csrf_token"] = csrf.token
+    app.cli.add_command(keys.rotate_token_keys)
+    app.cli.add_command(housekeeping.purge)
     return app
 
 
@@ -79,7 +87,7 @@ def load_person() -> Response | None:
 
 def security_headers(response: Response) -> Response:
     headers = response.headers
-    headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+    headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
     headers["X-Content-Type-Options"] = "nosniff"
     headers["X-Frame-Options"] = "DENY"
     headers["Referrer-Policy"] = "no-referrer"
@@ -154,6 +162,8 @@ def _init_provider(app: Flask) -> None:
     cfg = app.config
     http = requests.Session()
     issuer = cfg["OAUTH_ISSUER"]
+    if cfg["OAUTH_BACKCHANNEL_URL"] and cfg["OAUTH_PROVIDER"] != "standin":
+        http.mount(f"{issuer}/", BackChannel(issuer, cfg["OAUTH_BACKCHANNEL_URL"]))
     if cfg["OAUTH_PROVIDER"] == "standin":
         embedded = standin.create_app(
             {
@@ -178,3 +188,23 @@ def _init_provider(app: Flask) -> None:
     else:
         endpoints = discover(issuer, http, cfg["PROVIDER_TIMEOUT"], cfg["OAUTH_USERINFO_URL"])
     app.extensions["provider"] = Provider(endpoints, cfg["OAUTH_CLIENT_ID"], cfg["OAUTH_CLIENT_SECRET"], cfg["PROVIDER_TIMEOUT"], http)
+
+
+def _trust_proxies(app: Flask) -> None:
+    """Believe X-Forwarded-For/-Proto/-Host from TRUSTED_PROXY_COUNT proxies, so URLs and client addresses are right behind TLS."""
+    hops = app.config["TRUSTED_PROXY_COUNT"]
+    if hops:
+        # Outermost wrapper: the embedded stand-in and the rate limiter see the fixed values too.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
+
+
+class BackChannel(requests.adapters.HTTPAdapter):
+    """Send server-to-server calls for the browser-facing issuer URL to the provider's internal address."""
+
+    def __init__(self, public: str, internal: str):
+        super().__init__()
+        self.public, self.internal = public.rstrip("/"), internal.rstrip("/")
+
+    def send(self, request: requests.PreparedRequest, **kwargs) -> requests.Response:
+        request.url = self.internal + request.url[len(self.public) :]
+        return super().send(request, **kwargs)

@@ -58,6 +58,9 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
     userinfo_url = env("OAUTH_USERINFO_URL")
     if userinfo_url:
         _check_url("OAUTH_USERINFO_URL", userinfo_url)
+    backchannel_url = env("OAUTH_BACKCHANNEL_URL")
+    if backchannel_url:
+        _check_url("OAUTH_BACKCHANNEL_URL", backchannel_url)
 
     config = {
         "APP_ENV": "production" if production else "development",
@@ -71,14 +74,19 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         "OAUTH_VIEWER_SCOPE": env("OAUTH_VIEWER_SCOPE", "viewables:read"),
         "OAUTH_REDIRECT_URI": redirect_uri,
         "OAUTH_USERINFO_URL": userinfo_url,
+        # Where this server reaches the provider when OAUTH_ISSUER is only the browser's address (Docker).
+        "OAUTH_BACKCHANNEL_URL": backchannel_url.rstrip("/") if backchannel_url else None,
         "TOKEN_REFRESH_LEEWAY": _int(environ, "TOKEN_REFRESH_LEEWAY", 60),
         "PROVIDER_TIMEOUT": _int(environ, "PROVIDER_TIMEOUT", 10),
         "SESSION_COOKIE_SECURE": _bool(environ, "SESSION_COOKIE_SECURE", True),
+        # Reverse proxies in front of the app whose X-Forwarded-For/-Proto/-Host are believed; 0 believes none.
+        "TRUSTED_PROXY_COUNT": _int(environ, "TRUSTED_PROXY_COUNT", 0),
         "TOKEN_ENCRYPTION_KEYS": env("TOKEN_ENCRYPTION_KEYS")
         or (None if production else _kept_secret(instance_path, "token_keys", lambda: Fernet.generate_key().decode())),
         "STANDIN_DATABASE_URL": env("STANDIN_DATABASE_URL") or f"sqlite:///{Path(instance_path) / 'standin.sqlite'}",
         "STANDIN_ACCESS_TOKEN_TTL": _int(environ, "STANDIN_ACCESS_TOKEN_TTL", 3599),
         "STANDIN_STRICT": _bool(environ, "STANDIN_STRICT", False),
+        "SIGNIN_RATE_LIMIT": env("SIGNIN_RATE_LIMIT", "20/minute"),
     }
     return config
 
