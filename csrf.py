@@ -24,6 +24,8 @@ def token() -> str:
 
 def protect() -> None:
     """Abort with 403 unless an unsafe request comes from our own pages."""
+    if request.routing_exception is not None:
+        return  # no route takes it (404/405): it changes nothing, and the true answer is clearer
     site = request.headers.get("Sec-Fetch-Site")
     if request.method in SAFE_METHODS:
         # A link from another site (or the provider's redirect back) is a navigation; an

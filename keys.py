@@ -7,6 +7,7 @@ run `flask --app app rotate-token-keys`, then remove the old keys.
 import click
 from cryptography.fernet import InvalidToken
 from flask import current_app
+from flask.cli import with_appcontext
 from sqlalchemy import Text, select, type_coerce, update
 
 from models import User, db
@@ -40,6 +41,7 @@ def rotate_all() -> tuple[int, int]:
 
 
 @click.command("rotate-token-keys")
+@with_appcontext
 def rotate_token_keys() -> None:
     """Re-encrypt every stored token with the first key of TOKEN_ENCRYPTION_KEYS."""
     rotated, unreadable = rotate_all()

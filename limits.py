@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 from flask import Flask, Response, current_app, render_template, request
-from werkzeug.exceptions import RequestHeaderFieldsTooLarge, RequestURITooLarge
+from werkzeug.exceptions import RequestEntityTooLarge, RequestHeaderFieldsTooLarge, RequestURITooLarge
 
 from config import ConfigError
 
@@ -25,6 +25,8 @@ UNITS = {"second": 1, "minute": 60, "hour": 3600}
 MAX_QUERY_STRING = 4096
 MAX_HEADER_VALUE = 8190
 MAX_HEADERS_TOTAL = 32 * 1024
+# Our forms carry a token and an id or two.
+MAX_BODY = 64 * 1024
 
 
 class RateLimiter:
@@ -72,12 +74,16 @@ def init_app(app: Flask) -> None:
     """Install the size checks and, unless switched off, the sign-in rate limit."""
     rate = parse_rate(app.config.get("SIGNIN_RATE_LIMIT", "20/minute"))
     app.extensions["signin_limiter"] = RateLimiter(*rate) if rate else None
+    if app.config.get("MAX_CONTENT_LENGTH") is None:  # Flask's default is no limit
+        app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.before_request(check_size)
     app.before_request(check_rate)
 
 
 def check_size() -> None:
-    """Answer 414/431 for a query string or headers larger than any real client sends."""
+    """Answer 413/414/431 for a body, query string or headers larger than any real client sends."""
+    if request.content_length and request.content_length > current_app.config["MAX_CONTENT_LENGTH"]:
+        raise RequestEntityTooLarge("The request is too large.")
     if len(request.query_string) > MAX_QUERY_STRING:
         raise RequestURITooLarge("The address is too long.")
     total = 0

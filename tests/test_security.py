@@ -1,0 +1,218 @@
+"""Cookies, headers, session fixation and lifetime, token leaks and sign-in rate limits."""
+
+import logging
+import time
+from datetime import timedelta
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+import pytest
+
+import limits
+from conftest import expire_access_token, sign_in, stored_user
+from models import UserSession, db, utcnow
+
+
+def set_cookies(response) -> dict[str, dict]:
+    """Parse every Set-Cookie header into {name: {attribute: value}} (flags map to True)."""
+    found = {}
+    for header in response.headers.getlist("Set-Cookie"):
+        name, _, rest = header.partition("=")
+        value, *attributes = rest.split(";")
+        found[name] = {"value": value} | {k.strip().lower(): (v.strip() if v else True) for k, _, v in (a.partition("=") for a in attributes if a.strip())}
+    return found
+
+
+def get_routes(app) -> list[str]:
+    return sorted(rule.rule for rule in app.url_map.iter_rules() if "GET" in rule.methods and not rule.arguments)
+
+
+@pytest.fixture
+def secure_app(app_factory):
+    return app_factory(SESSION_COOKIE_SECURE=True)
+
+
+@pytest.fixture
+def https_client(secure_app):
+    client = secure_app.test_client()
+    client.environ_base["wsgi.url_scheme"] = "https"
+    return client
+
+
+def test_secure_cookies_use_host_prefix_without_domain(secure_app, https_client):
+    login = https_client.get("/auth/login")
+    flow = set_cookies(login)["__Host-signin"]
+    assert flow["secure"] and flow["httponly"] and flow["path"] == "/" and flow["samesite"] == "Lax"
+    assert "domain" not in flow and int(flow["max-age"]) <= 600
+
+    done = sign_in(https_client)
+    cookies = set_cookies(done)
+    session = cookies["__Host-session"]
+    assert session["secure"] and session["httponly"] and session["path"] == "/" and session["samesite"] == "Lax"
+    assert "domain" not in session
+    assert cookies["__Host-signin"]["value"] == ""  # the pre-sign-in state is cleared at the callback
+    assert "session" not in cookies and "signin" not in cookies
+    assert https_client.get("/api/session").status_code == 200
+
+
+def test_insecure_mode_for_local_http_drops_prefix_and_secure(client):
+    cookies = set_cookies(sign_in(client))
+    assert "secure" not in cookies["session"] and cookies["session"]["httponly"]
+
+
+def test_session_cookie_and_row_expire_no_later_than_the_refresh_token(app, client):
+    done = sign_in(client)
+    user = stored_user(app)
+    expires = parsedate_to_datetime(set_cookies(done)["session"]["expires"])
+    assert expires <= user.refresh_expires_at
+    assert expires > utcnow() + timedelta(days=14)  # a persistent cookie, not a browser-session one
+    with app.app_context():
+        rows = db.session.execute(db.select(UserSession)).scalars().all()
+        assert rows and all(row.expires_at <= user.refresh_expires_at for row in rows)
+
+
+def test_expired_session_row_is_not_honoured(app, client):
+    sign_in(client)
+    with app.app_context():
+        db.session.execute(db.update(UserSession).values(expires_at=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+    reply = client.get("/api/session")
+    assert reply.status_code == 401
+    assert set_cookies(reply)["session"]["value"] == ""
+
+
+def test_session_id_is_new_at_every_sign_in(app, client):
+    """A browser holding someone else's session (fixation) gets a fresh one of its own at sign-in."""
+    sign_in(client, "Mallory")
+    planted = client.get_cookie("session").value
+    sign_in(client, "Ada Lovelace")
+    fresh = client.get_cookie("session").value
+    assert fresh != planted
+    assert client.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
+    replay = app.test_client()
+    replay.set_cookie("session", planted)
+    assert replay.get("/api/session").status_code == 401  # the planted session ended
+
+
+def test_security_headers_on_every_route(secure_app, https_client):
+    sign_in(https_client)
+    paths = [*get_routes(secure_app), "/no-such-page", "/static/style.css"]
+    for path in paths:
+        reply = https_client.get(path)
+        assert reply.status_code < 500, path
+        headers = reply.headers
+        csp = headers["Content-Security-Policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, path
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp, path
+        assert "object-src 'none'" in csp and "base-uri 'none'" in csp, path
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Referrer-Policy"] == "no-referrer"
+        assert headers["Strict-Transport-Security"].startswith("max-age=")
+        if not path.startswith("/static/"):
+            assert headers["Cache-Control"] == "no-store", path
+        reply.close()  # static files are streamed from an open file
+
+
+def test_no_hsts_over_plain_http(client):
+    assert "Strict-Transport-Security" not in client.get("/").headers
+
+
+def test_viewer_token_and_personal_pages_are_never_cached(app, client):
+    sign_in(client)
+    for path in ("/api/viewer-token", "/api/session", "/api/profile", "/"):
+        assert client.get(path).headers["Cache-Control"] == "no-store", path
+
+
+def test_tokens_never_reach_logs_urls_pages_or_the_browser(app, client, standin, caplog):
+    """Only /api/viewer-token's body may carry a token, and only the viewer one."""
+    caplog.set_level(logging.DEBUG)
+    seen_tokens: set[str] = set()
+    replies = []
+
+    def remember_tokens():
+        user = stored_user(app)
+        if user is not None:
+            seen_tokens.update(t for t in (user.refresh_token, user.access_token) if t)
+
+    def visit(method, path, **kwargs):
+        reply = client.open(path, method=method, **kwargs)
+        replies.append((path, reply))
+        remember_tokens()
+        return reply
+
+    login = visit("GET", "/auth/login")
+    authorize = urlsplit(login.headers["Location"])
+    client.get(authorize.path, query_string=authorize.query)
+    consent = client.post(authorize.path, query_string=authorize.query, data={"name": "Ada Lovelace"})
+    back = urlsplit(consent.headers["Location"])
+    visit("GET", back.path, query_string=back.query)
+    for path in get_routes(app):
+        visit("GET", path)
+    expire_access_token(app)
+    visit("GET", "/api/profile")  # a refresh, logged
+    standin.inject("5xx")
+    expire_access_token(app)
+    assert visit("GET", "/").status_code == 503  # an error page during an outage
+    visit("GET", "/auth/callback", query_string={"error": "access_denied"})
+    visit("GET", "/no-such-page")
+    assert len(seen_tokens) >= 4
+
+    viewer = stored_user(app).viewer_token
+    for path, reply in replies:
+        text = reply.get_data(as_text=True) + str(reply.headers)
+        for token in seen_tokens:
+            assert token not in text, path
+        if path != "/api/viewer-token":
+            assert viewer not in text, path
+    logs = "\n".join(record.getMessage() for record in caplog.records)
+    assert "token_refresh" in logs  # the logs were captured
+    for token in [*seen_tokens, viewer]:
+        assert token not in logs
+
+
+def test_rate_limit_per_client_address(app_factory):
+    app = app_factory(SIGNIN_RATE_LIMIT="3/minute")
+    client = app.test_client()
+    assert [client.get("/auth/login").status_code for _ in range(3)] == [302] * 3
+    refused = client.get("/auth/login")
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert "Too many sign-in attempts" in refused.get_data(as_text=True)
+    # The callback counts apart, and another address has its own allowance.
+    assert client.get("/auth/callback").status_code == 400
+    neighbour = app.test_client()
+    neighbour.environ_base["REMOTE_ADDR"] = "192.0.2.7"
+    assert neighbour.get("/auth/login").status_code == 302
+    # Pages other than sign-in are not limited.
+    assert all(client.get("/").status_code == 200 for _ in range(5))
+
+
+def test_rate_limit_on_the_callback(app_factory):
+    app = app_factory(SIGNIN_RATE_LIMIT="2/minute")
+    client = app.test_client()
+    assert [client.get("/auth/callback", query_string={"state": "x", "code": "y"}).status_code for _ in range(3)] == [400, 400, 429]
+
+
+def test_rate_limit_can_be_switched_off(app_factory):
+    client = app_factory(SIGNIN_RATE_LIMIT="off").test_client()
+    assert {client.get("/auth/login").status_code for _ in range(40)} == {302}
+
+
+def test_rate_limit_window_slides():
+    limiter = limits.RateLimiter(2, 0.2)
+    assert [limiter.hit("a"), limiter.hit("a")] == [0, 0]
+    assert limiter.hit("a") > 0
+    assert limiter.hit("b") == 0
+    time.sleep(0.3)
+    assert limiter.hit("a") == 0
+
+
+@pytest.mark.parametrize(("text", "rate"), [("20/minute", (20, 60)), ("5 / second", (5, 1)), ("100/hour", (100, 3600)), ("off", None), ("", None)])
+def test_rate_limit_setting_is_read(text, rate):
+    assert limits.parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["20", "twenty/minute", "0/minute", "5/fortnight", "-1/second"])
+def test_bad_rate_limit_setting_stops_start_up(app_factory, text):
+    with pytest.raises(SystemExit, match="SIGNIN_RATE_LIMIT"):
+        app_factory(SIGNIN_RATE_LIMIT=text)
