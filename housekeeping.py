@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import click
+from flask.cli import with_appcontext
 from sqlalchemy import and_, delete, exists, func, select
 
 from models import RefreshEvent, User, UserSession, db, utcnow
@@ -48,6 +49,7 @@ def purge_expired(now: datetime, grace: timedelta) -> Purged:
     type=click.IntRange(min=0),
     help="Keep a person this many days after their refresh token expired (or their last sign-in, once signed out).",
 )
+@with_appcontext
 def purge(grace_days: int) -> None:
     """Delete expired sessions and people whose refresh token expired long ago, with their refresh events."""
     done = purge_expired(utcnow(), timedelta(days=grace_days))

@@ -1,0 +1,117 @@
+"""Production mode refuses unsafe settings with one sentence, and trusts X-Forwarded-* only from its proxies."""
+
+import os
+import subprocess
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from flask import request
+
+from app import create_app
+from conftest import make_config
+from servers import BIN, ROOT, TEST_KEY
+
+PREFIXES = ("OAUTH_", "APS_", "STANDIN_", "TOKEN_", "DATABASE_URL", "SECRET_KEY", "APP_ENV", "SESSION_COOKIE", "TRUSTED_PROXY", "SIGNIN_")
+
+
+@pytest.fixture
+def production(monkeypatch, tmp_path):
+    """A complete production environment against a real provider (APS); tests take pieces away."""
+    for name in list(os.environ):
+        if name.startswith(PREFIXES):
+            monkeypatch.delenv(name)
+    values = {
+        "APP_ENV": "production",
+        "SECRET_KEY": "a-production-secret",
+        "TOKEN_ENCRYPTION_KEYS": TEST_KEY,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'app.sqlite'}",
+        "OAUTH_PROVIDER": "autodesk",
+        "OAUTH_CLIENT_ID": "aps-client",
+        "OAUTH_CLIENT_SECRET": "aps-secret",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def test_production_starts_with_secure_cookies(production):
+    app = create_app()
+    assert app.config["APP_ENV"] == "production"
+    assert app.config["SESSION_COOKIE_SECURE"] is True
+    login = app.test_client().get("/auth/login", base_url="https://signin.example")
+    cookie = login.headers["Set-Cookie"]
+    assert cookie.startswith("__Host-signin=") and "Secure" in cookie and "HttpOnly" in cookie
+
+
+@pytest.mark.parametrize(
+    ("change", "sentence"),
+    [
+        ({"SECRET_KEY": None}, "SECRET_KEY must be set in production."),
+        ({"SECRET_KEY": ""}, "SECRET_KEY must be set in production."),
+        ({"TOKEN_ENCRYPTION_KEYS": None}, "TOKEN_ENCRYPTION_KEYS must be set in production."),
+        ({"TOKEN_ENCRYPTION_KEYS": "not-a-fernet-key"}, "TOKEN_ENCRYPTION_KEYS must hold one or more Fernet keys"),
+        ({"OAUTH_PROVIDER": "standin", "OAUTH_CLIENT_ID": None, "OAUTH_CLIENT_SECRET": None}, "OAUTH_PROVIDER=standin is for development only"),
+        ({"SESSION_COOKIE_SECURE": "false"}, "SESSION_COOKIE_SECURE must stay on in production."),
+        ({"OAUTH_CLIENT_SECRET": None}, "OAUTH_CLIENT_SECRET must be set"),
+        ({"TRUSTED_PROXY_COUNT": "one"}, "TRUSTED_PROXY_COUNT must be a whole number"),
+        ({"OAUTH_BACKCHANNEL_URL": "standin:8000"}, "OAUTH_BACKCHANNEL_URL must be an absolute http(s) URL"),
+    ],
+)
+def test_production_refuses_unsafe_settings_with_one_sentence(production, change, sentence):
+    for name, value in change.items():
+        if value is None:
+            production.delenv(name)
+        else:
+            production.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        create_app()
+    message = str(stopped.value)
+    assert message.startswith(f"Configuration error: {sentence}")
+    assert "\n" not in message
+
+
+def test_entrypoint_stops_with_the_sentence_not_a_traceback(production, tmp_path):
+    """The container's start-up command (migrate, then serve) fails at once with the sentence on stderr."""
+    production.delenv("SECRET_KEY")
+    env = dict(os.environ) | {"PATH": f"{BIN}:{os.environ['PATH']}"}
+    done = subprocess.run(["sh", ROOT / "deploy" / "entrypoint.sh"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "Configuration error: SECRET_KEY must be set in production." in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "app.sqlite").exists()  # stopped before migrating anything
+
+
+def login_redirect_uri(app, **headers: str) -> str:
+    location = app.test_client().get("/auth/login", headers=headers).headers["Location"]
+    return parse_qs(urlsplit(location).query)["redirect_uri"][0]
+
+
+FORWARDED = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "signin.example.com", "X-Forwarded-For": "203.0.113.7"}
+
+
+def test_forwarded_headers_make_the_redirect_uri_https_behind_one_proxy(tmp_path):
+    app = create_app(make_config(tmp_path, f"sqlite:///{tmp_path / 'app.sqlite'}", TRUSTED_PROXY_COUNT=1, SESSION_COOKIE_SECURE=True))
+    seen = {}
+
+    @app.get("/_remote")
+    def remote():
+        seen["addr"], seen["scheme"] = request.remote_addr, request.scheme
+        return ""
+
+    assert login_redirect_uri(app, **FORWARDED) == "https://signin.example.com/auth/callback"
+    app.test_client().get("/_remote", headers=FORWARDED)
+    # The client's address, not the proxy's: what the sign-in rate limit counts.
+    assert seen == {"addr": "203.0.113.7", "scheme": "https"}
+
+
+def test_only_the_trusted_proxy_s_own_values_count(tmp_path):
+    """A client's forged X-Forwarded-Host comes first; nginx appends (or sets) the real one last."""
+    app = create_app(make_config(tmp_path, f"sqlite:///{tmp_path / 'app.sqlite'}", TRUSTED_PROXY_COUNT=1))
+    headers = {"X-Forwarded-Proto": "http, https", "X-Forwarded-Host": "evil.example, signin.example.com"}
+    assert login_redirect_uri(app, **headers) == "https://signin.example.com/auth/callback"
+
+
+def test_forwarded_headers_are_ignored_without_a_trusted_proxy(tmp_path):
+    app = create_app(make_config(tmp_path, f"sqlite:///{tmp_path / 'app.sqlite'}"))
+    assert app.config["TRUSTED_PROXY_COUNT"] == 0
+    assert login_redirect_uri(app, **FORWARDED) == "http://localhost/auth/callback"
