@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import pytest
+import responses
 from itsdangerous import Signer, TimestampSigner, URLSafeTimedSerializer
 
 from conftest import callback_params, sign_in, stored_user
@@ -297,3 +298,52 @@ def test_sign_in_with_evil_next_lands_home(client):
 
 def test_sign_in_with_local_next_lands_there(client):
     assert sign_in(client, next_path="/api/session?x=1").headers["Location"] == "/api/session?x=1"
+
+
+APS = "https://aps.example"  # an APS-like provider reached over real HTTP, answered by `responses`
+TOKEN_URL = f"{APS}/authentication/v2/token"
+GRANT = {"access_token": "at-1", "token_type": "Bearer", "expires_in": 3599, "refresh_token": "rt-1", "scope": "data:read"}
+
+
+@pytest.fixture
+def http_provider(app_factory):
+    """An app talking HTTP to an APS-like provider, with Ada signed in through it."""
+    app = app_factory(OAUTH_PROVIDER="autodesk", OAUTH_ISSUER=APS, OAUTH_REDIRECT_URI="http://localhost/auth/callback")
+    ada = app.test_client()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as provider:
+        provider.post(TOKEN_URL, json=GRANT)
+        provider.post(TOKEN_URL, json=GRANT | {"access_token": "viewer-1", "refresh_token": "rt-2"})
+        provider.get(f"{APS}/userinfo", json={"sub": "ada", "name": "Ada Lovelace", "email": "ada@example.com"})
+        assert http_callback(ada, "good-code").status_code == 302
+    return app, ada
+
+
+def http_callback(client, code: str):
+    location = urlsplit(client.get("/auth/login").headers["Location"])
+    assert location.netloc == "aps.example"
+    return client.get("/auth/callback", query_string={"code": code, "state": callback_params(location.geturl())["state"]})
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ({"body": "<html>Bad gateway</html>", "status": 200, "content_type": "text/html"}, 503),
+        ({"body": "<html>Bad request</html>", "status": 400, "content_type": "text/html"}, 503),
+        ({"json": ["not", "an", "object"]}, 503),
+        ({"json": {"token_type": "Bearer", "expires_in": 3599}}, 503),  # no access_token at all
+        ({"json": {k: v for k, v in GRANT.items() if k != "refresh_token"}}, 400),
+        ({"json": {"error": "invalid_client"}, "status": 401}, 400),
+        ({"json": {"error": "slow_down"}, "status": 429}, 503),
+    ],
+    ids=["html 200", "html 400", "json array", "no access_token", "no refresh_token", "invalid_client", "429"],
+)
+def test_unusable_code_exchange_reply_gets_a_clear_answer(http_provider, reply, expected):
+    app, ada = http_provider
+    before = stored_user(app)
+    with responses.RequestsMock() as provider:
+        provider.post(TOKEN_URL, **reply)
+        failed = http_callback(app.test_client(), "some-code")
+    assert failed.status_code == expected
+    assert "<h1" in failed.get_data(as_text=True)
+    assert ada.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
+    assert stored_user(app).refresh_token == before.refresh_token == "rt-2"
