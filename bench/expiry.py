@@ -1,0 +1,88 @@
+"""Refreshes per expiry: one person, 50 requests at once at the moment their access token goes stale.
+
+Two gunicorn instances (3 workers x 4 threads each) share one PostgreSQL database and one strict
+stand-in provider. Access tokens live 65 s and count as stale 60 s early, so a new expiry comes
+every 5 seconds; each burst is sent the instant the token enters the leeway.
+"""
+
+import time
+from datetime import datetime
+
+import requests
+from common import bench_env, cookie_header, fire, free_port, http_sign_in, median, percentile, refresh_log, start_server
+
+from standin.store import Store
+
+TTL, LEEWAY = 65, 60
+
+
+def wait_for_expiry(url: str, cookie: str) -> None:
+    """Sleep until the person's access token enters the leeway: the next request must refresh."""
+    reply = requests.get(f"{url}/api/session", headers={"Cookie": cookie}, timeout=30).json()
+    expires = datetime.fromisoformat(reply["access_token_expires_at"]).timestamp()
+    time.sleep(max(0.0, expires - LEEWAY - time.time()) + 0.05)
+
+
+def run(folder, database_url: str, quick: bool, burst: int = 50, workers: int = 3, threads: int = 4) -> dict:
+    """Send burst concurrent requests at each of 10 (quick: 3) expiries and count refreshes and failures."""
+    expiries = 3 if quick else 10
+    issuer_port = free_port()
+    env = bench_env(folder / "expiry", database_url, issuer_port, STANDIN_ACCESS_TOKEN_TTL=str(TTL), TOKEN_REFRESH_LEEWAY=str(LEEWAY))
+    logs = [folder / "expiry-a.log", folder / "expiry-b.log"]
+    servers = []
+    try:
+        servers.append(start_server(env, issuer_port, logs[0], workers=workers, threads=threads))
+        servers.append(start_server(env, free_port(), logs[1], workers=workers, threads=threads))
+        store = Store(env["STANDIN_DATABASE_URL"])
+        cookie = cookie_header(http_sign_in(servers[0].url))
+        rounds = []
+        for _ in range(expiries):
+            wait_for_expiry(servers[0].url, cookie)
+            before = store.count("refresh")
+            started = time.time()
+            # Alternate between the two instances, as a balancer would.
+            targets = [("127.0.0.1", servers[i % 2].port, "/api/session", cookie) for i in range(burst)]
+            replies = fire(targets, together=True)
+            time.sleep(0.3)  # let the servers write their log lines
+            events = refresh_log(logs, since=started - 0.001)
+            rounds.append({"replies": replies, "refreshes": store.count("refresh") - before, "events": events})
+        rejected = store.count("refresh_rejected")
+    finally:
+        for server in servers:
+            server.stop()
+    return summarize(rounds, rejected, burst, workers, threads)
+
+
+def summarize(rounds: list[dict], rejected: int, burst: int, workers: int, threads: int) -> dict:
+    """Turn the raw rounds into the figures the README reports."""
+    failed = sum(1 for r in rounds for status, _ in r["replies"] if status != 200)
+    latency_ms = [took * 1000 for r in rounds for _, took in r["replies"]]
+    refresher_ms, waited_lock_ms, behind_ms, waiters = [], [], [], []
+    for r in rounds:
+        refreshed = [e for e in r["events"] if e["outcome"] == "refreshed" and e["kind"] == "access"]
+        fresh = [e for e in r["events"] if e["outcome"] == "used_fresh"]
+        waiters.append(len(fresh))
+        if len(refreshed) == 1:
+            holder = refreshed[0]
+            refresher_ms.append(holder["duration_ms"])
+            waited_lock_ms += [e["lock_wait_ms"] for e in fresh]
+            # How much later than the refresher each waiter was done with the token (log stamps, ms).
+            behind_ms += [(e["logged_at"] - holder["logged_at"]) * 1000 for e in fresh]
+    return {
+        "setup": f"2 instances x {workers} workers x {threads} threads, PostgreSQL, {burst} requests per expiry",
+        "expiries": len(rounds),
+        "refreshes_per_expiry": [r["refreshes"] for r in rounds],
+        "refresh_rejected_at_provider": rejected,
+        "requests": len(latency_ms),
+        "failed_requests": failed,
+        "waiters_per_expiry": waiters,
+        "refresher_duration_ms_p50": median(refresher_ms),
+        "refresher_duration_ms_max": max(refresher_ms, default=float("nan")),
+        "waiter_lock_wait_ms_p50": median(waited_lock_ms),
+        "waiter_lock_wait_ms_p99": percentile(waited_lock_ms, 99),
+        "waiter_done_after_refresher_ms_p50": median(behind_ms),
+        "waiter_done_after_refresher_ms_p99": percentile(behind_ms, 99),
+        "client_latency_ms_p50": median(latency_ms),
+        "client_latency_ms_p99": percentile(latency_ms, 99),
+        "client_latency_ms_max": max(latency_ms),
+    }

@@ -1,0 +1,72 @@
+"""Hook overhead: requests/second of /api/session (signed in, no provider call) against bare /healthz.
+
+Both endpoints are served by the same gunicorn server in the same run and measured with the same
+wrk settings, alternating healthz, session, healthz, session... so that drift in the machine's
+load hits both alike; the median of the rounds is reported.
+"""
+
+import re
+import subprocess
+
+import requests
+from common import bench_env, cookie_header, database, free_port, http_sign_in, median, start_server
+
+WRK = "/usr/bin/wrk"
+
+
+def wrk(url: str, seconds: int, connections: int, cookie: str | None = None) -> dict:
+    """Run wrk against url and return requests/second, latency and the count of non-2xx answers."""
+    args = [WRK, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    if cookie:
+        args[1:1] = ["-H", f"Cookie: {cookie}", "-H", "Accept: application/json"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rps": rps,
+        "non_2xx": int(bad[1]) if bad else 0,
+        "socket_errors": sum(int(n) for n in errors.groups()) if errors else 0,
+        "p50": re.search(r"50%\s+(\S+)", out)[1],
+        "p99": re.search(r"99%\s+(\S+)", out)[1],
+    }
+
+
+def run(kind: str, folder, quick: bool, workers: int = 2, threads: int = 4) -> dict:
+    """Measure both endpoints on one server backed by a fresh database of this kind."""
+    seconds, rounds = (3, 2) if quick else (10, 5)
+    connections = workers * threads
+    with database(kind, folder, "bench_hook") as url:
+        port = free_port()
+        env = bench_env(folder / kind, url, port)
+        server = start_server(env, port, folder / f"hook-{kind}.log", workers=workers, threads=threads)
+        try:
+            browser = http_sign_in(server.url)
+            cookie = cookie_header(browser)
+            # The cookie must really sign in: a 401 would be fast and meaningless.
+            check = requests.get(f"{server.url}/api/session", headers={"Cookie": cookie}, timeout=30)
+            assert check.status_code == 200 and check.json()["signed_in"], check.text
+            wrk(f"{server.url}/healthz", 1, connections)  # warm up every worker
+            wrk(f"{server.url}/api/session", 1, connections, cookie)
+            healthz, session = [], []
+            for _ in range(rounds):
+                healthz.append(wrk(f"{server.url}/healthz", seconds, connections))
+                session.append(wrk(f"{server.url}/api/session", seconds, connections, cookie))
+        finally:
+            server.stop()
+    bad = sum(r["non_2xx"] + r["socket_errors"] for r in healthz + session)
+    h, s = median([r["rps"] for r in healthz]), median([r["rps"] for r in session])
+    return {
+        "database": kind,
+        "workers": workers,
+        "threads": threads,
+        "wrk": f"-t1 -c{connections} -d{seconds}s, {rounds} rounds interleaved",
+        "healthz_rps": [r["rps"] for r in healthz],
+        "session_rps": [r["rps"] for r in session],
+        "healthz_rps_median": h,
+        "session_rps_median": s,
+        "ratio": s / h,
+        "healthz_latency": [(r["p50"], r["p99"]) for r in healthz],
+        "session_latency": [(r["p50"], r["p99"]) for r in session],
+        "failed_requests": bad,
+    }

@@ -1,0 +1,180 @@
+"""Run the benchmarks and print the README's Performance tables.
+
+    .venv/bin/python bench/run.py            # the full run (about 10 minutes on 2 cores)
+    .venv/bin/python bench/run.py --quick    # short runs, for trying changes
+    .venv/bin/python bench/run.py --only hook,profile
+
+Needs PostgreSQL at postgresql://postgres@127.0.0.1:5432/postgres (BENCH_POSTGRES_ADMIN) to create
+and drop its own databases, wrk (Debian package) and pyinstrument (requirements-dev.txt). Raw
+results, server logs and profiles go to bench/results/ (not committed).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+from common import machine, postgres_database, wait_for_load, workdir
+
+ALL = ("hook", "profile", "expiry", "people", "storage")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs and fewer people, for development")
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--max-load", type=float, default=None, help="wait (up to 15 minutes) for the 1-minute load average to drop below this first")
+    args = parser.parse_args()
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(chosen) - set(ALL)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    if args.max_load is not None:
+        print(f"load {wait_for_load(args.max_load, time.time() + 900):.2f}", file=sys.stderr)
+
+    folder = workdir("quick" if args.quick else "full")
+    results: dict = {"quick": args.quick, "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    for name in chosen:
+        print(f"== {name}", file=sys.stderr)
+        started = time.monotonic()
+        results[name] = run_one(name, folder, args.quick)
+        results[f"{name}_seconds"] = round(time.monotonic() - started, 1)
+        results[f"{name}_load_after"] = os.getloadavg()[0]
+        (folder / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    report = markdown(results)
+    (folder / "summary.md").write_text(report)
+    print(report)
+    print(f"raw results: {folder}", file=sys.stderr)
+
+
+def run_one(name: str, folder, quick: bool):
+    if name == "hook":
+        import hook
+
+        return [hook.run(kind, folder, quick) for kind in ("sqlite", "postgresql")]
+    if name == "profile":
+        import profile_session
+
+        return [profile_session.run(kind, folder, quick) for kind in ("sqlite", "postgresql")]
+    if name == "expiry":
+        import expiry
+
+        with postgres_database("bench_expiry") as url:
+            return expiry.run(folder, url, quick)
+    if name == "people":
+        import people
+
+        return [people.run(kind, folder, quick) for kind in ("postgresql", "sqlite")]
+    import storage
+
+    return storage.run(folder, quick)
+
+
+def fmt(value: float, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def markdown(r: dict) -> str:
+    """Render the results as the README's tables."""
+    m = r["machine"]
+    out = [
+        f"Machine: {m['cpus']} vCPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Python {m['python']}, "
+        f"PostgreSQL {m['postgresql']}; 1-minute load {m['load_1min_at_start']:.2f} at start" + (" (quick run)" if r["quick"] else ""),
+        "",
+    ]
+    if "hook" in r:
+        out += [
+            "**1. Hook overhead** (one gunicorn, 2 workers x 4 threads; wrk " + r["hook"][0]["wrk"] + "; median requests/s)",
+            "",
+            "| Database | /healthz | /api/session | ratio | target | failed |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for h in r["hook"]:
+            met = "met" if h["ratio"] >= 0.85 else "missed"
+            out.append(
+                f"| {h['database']} | {fmt(h['healthz_rps_median'])} | {fmt(h['session_rps_median'])} | "
+                f"**{h['ratio']:.2f}** | >= 0.85 ({met}) | {h['failed_requests']} |"
+            )
+        out.append("")
+    if "profile" in r:
+        out += [
+            "**Where /api/session's time goes** (in-process, Flask test client; µs per request)",
+            "",
+            "| Database | /healthz | /api/session | ratio | SQL per request | whole hook | session lookup (ORM) | same lookup (Core) | Fernet decrypt x1 |",
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for p in r["profile"]:
+            pieces = p["hook_pieces_us"]
+            sql = ", ".join(f"{n:g} {word}" for word, n in p["sql_statements_per_request"].items())
+            out.append(
+                f"| {p['database']} | {fmt(p['healthz_us'])} | {fmt(p['session_us'])} | {p['in_process_ratio']:.2f} | {sql} | "
+                f"{fmt(pieces['load_person (whole hook)'])} | {fmt(pieces['sessions.load() alone'])} | "
+                f"{fmt(pieces['same lookup in SQLAlchemy Core (no ORM, no decrypt)'])} | {fmt(pieces['one Fernet decrypt'], 1)} |"
+            )
+        out.append("")
+    if "expiry" in r:
+        e = r["expiry"]
+        per = e["refreshes_per_expiry"]
+        out += [
+            f"**2. Refreshes per expiry** ({e['setup']}, {e['expiries']} expiries)",
+            "",
+            "| Measure | Result | Target |",
+            "|---|---:|---:|",
+            f"| refreshes at the provider per expiry | {', '.join(map(str, per))} | exactly 1 ({'met' if set(per) == {1} else 'missed'}) |",
+            f"| failed requests | {e['failed_requests']} of {e['requests']} | 0 |",
+            f"| refresh tokens rejected by the provider | {e['refresh_rejected_at_provider']} | 0 |",
+            f"| requests that waited on the lock, per expiry | {', '.join(map(str, e['waiters_per_expiry']))} | |",
+            f"| refresher's own refresh, p50 / max | {fmt(e['refresher_duration_ms_p50'])} / {fmt(e['refresher_duration_ms_max'])} ms | |",
+            f"| waiters done after the refresher, p50 / p99 | {fmt(e['waiter_done_after_refresher_ms_p50'])} / "
+            f"{fmt(e['waiter_done_after_refresher_ms_p99'])} ms | < 50 ms "
+            f"({'met' if e['waiter_done_after_refresher_ms_p99'] < 50 else 'missed'}) |",
+            f"| waiters' lock wait, p50 / p99 | {fmt(e['waiter_lock_wait_ms_p50'])} / {fmt(e['waiter_lock_wait_ms_p99'])} ms | |",
+            f"| client latency of all requests, p50 / p99 | {fmt(e['client_latency_ms_p50'])} / {fmt(e['client_latency_ms_p99'])} ms | |",
+            "",
+        ]
+    if "people" in r:
+        n = r["people"][0]["people"]
+        out += [
+            f"**3. Many people** ({n} people, one request each, every access token stale; 4 threads per worker)",
+            "",
+            "| Database | workers | requests/s | scaling | provider refreshes | failed | latency p50 / p99 | lock wait p50 / p99 / max |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for p in r["people"]:
+            base = p["runs"][0]["requests_per_second"]
+            for run in p["runs"]:
+                out.append(
+                    f"| {p['database']} | {run['workers']} | {fmt(run['requests_per_second'])} | {run['requests_per_second'] / base:.2f}x | "
+                    f"{run['provider_refreshes']} of {run['requests']} | {run['failed_requests']} | "
+                    f"{fmt(run['latency_ms_p50'])} / {fmt(run['latency_ms_p99'])} ms | "
+                    f"{fmt(run['lock_wait_ms_p50'])} / {fmt(run['lock_wait_ms_p99'])} / {fmt(run['lock_wait_ms_max'])} ms |"
+                )
+        out.append("")
+    if "storage" in r:
+        s = r["storage"]
+        out += [
+            "**4. Scale of storage** (PostgreSQL; the hook's session lookup, sessions.load(), for random sessions)",
+            "",
+            "| Sessions | table + indexes | plan | lookup in the app p50 / p99 | in the database p50 / p99 |",
+            "|---:|---:|---|---:|---:|",
+        ]
+        for x in s["scales"]:
+            plan = "Index Scan using user_sessions_pkey" if "Index Scan using user_sessions_pkey" in x["plan"] else "see explain file"
+            out.append(
+                f"| {x['sessions']:,} | {fmt(x['table_mb'], 1)} MB | {plan} | {fmt(x['lookup_us_p50'])} / {fmt(x['lookup_us_p99'])} µs | "
+                f"{fmt(x['in_database_us_p50'])} / {fmt(x['in_database_us_p99'])} µs |"
+            )
+        out += [
+            "",
+            f"Largest / smallest: {s['lookup_ratio_large_to_small_p50']:.2f}x in the app, {s['in_database_ratio_large_to_small_p50']:.2f}x in the database.",
+            "",
+        ]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
