@@ -157,6 +157,15 @@ def test_sign_out_this_device_ends_only_that_session(app):
     assert laptop.get("/api/profile").status_code == 200
 
 
+def test_sign_out_form_posted_the_way_browsers_send_it_works(client):
+    """Under Referrer-Policy: no-referrer, Chromium posts same-origin forms with "Origin: null"."""
+    sign_in(client)
+    csrf = csrf_from(client.get("/"))
+    reply = client.post("/auth/logout", data={"csrf_token": csrf}, headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"})
+    assert reply.status_code == 302 and reply.headers["Location"] == "/"
+    assert client.get("/api/session").status_code == 401
+
+
 def test_device_sign_out_needs_the_pages_csrf_token(app):
     phone = device(app, PHONE)
     laptop = device(app, FIREFOX)

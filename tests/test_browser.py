@@ -1,0 +1,179 @@
+"""A person in a real browser: Debian's Chromium, driven by Playwright, against the app under gunicorn.
+
+The server's access tokens live 65 s and count as expired 60 s early, so a silent refresh is due
+5 s after each one is issued: the tests watch refreshes happen instead of faking expiry.
+Screenshots of every page land in test-output/browser/.
+"""
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from browser_server import CHROMIUM, ROOT, VIEWPORT, LiveServer, launch_chromium, sign_in
+
+pytestmark = pytest.mark.browser
+OUTPUT = ROOT / "test-output" / "browser"
+PHONE = "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36"
+# Generous: the machine may be busy, and a refresh is only due 5 s after the last one.
+WAIT_MS = 45_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LiveServer(tmp_path_factory.mktemp("browser")) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing, and CI must run the browser tests")
+        pytest.skip(f"{CHROMIUM} is missing")
+    from playwright.sync_api import sync_playwright
+
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        yield chromium
+        chromium.close()
+
+
+def new_page(browser, **options):
+    context = browser.new_context(viewport=VIEWPORT, **options)
+    context.set_default_timeout(WAIT_MS)
+    return context.new_page()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=OUTPUT / f"{name}.png")
+
+
+def test_person_watches_a_silent_refresh_and_stays_signed_in_across_browser_restarts(server, browser):
+    from playwright.sync_api import expect
+
+    page = new_page(browser)
+    page.goto(server.url + "/")
+    sign_in_link = page.get_by_role("main").get_by_role("link", name="Sign in")
+    expect(sign_in_link).to_be_visible()
+    shot(page, "home-signed-out")
+
+    # Sign in through the stand-in's page: type a name, click "Sign in".
+    sign_in_link.click()
+    expect(page.get_by_text("Stand-in provider.")).to_be_visible()
+    shot(page, "standin-sign-in")
+    page.get_by_label("Your name").fill("Ada Lovelace")
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    page.wait_for_url(server.url + "/")
+    expect(page.locator("#person-name")).to_have_text("Ada Lovelace")
+    shot(page, "home-signed-in")
+
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Session", exact=True).click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("What keeps you signed in")
+    # Record every value the refresh countdown shows, to see it run down to zero.
+    page.evaluate(
+        """() => {
+          const el = document.getElementById("refresh-countdown");
+          window.seenCountdown = [el.textContent];
+          new MutationObserver(() => window.seenCountdown.push(el.textContent)).observe(el, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    expect(page.locator("#rotations")).to_have_text(re.compile(r"^\d+$"))
+    rotations = int(page.locator("#rotations").inner_text())
+
+    status = page.locator("#live-status")
+    expect(status).to_contain_text("Silently refreshed your access token", timeout=WAIT_MS)
+    expect(status).to_contain_text("triggered by GET /api/lifecycle")
+    assert int(page.locator("#rotations").inner_text()) > rotations
+    seen = page.evaluate("window.seenCountdown")
+    assert any(text in ("in 0 s", "in 1 s", "due now") for text in seen), seen
+    newest = page.locator("#refreshes tr").first
+    expect(newest).to_contain_text("refreshed")
+    expect(newest).to_contain_text("GET /api/lifecycle")
+    # The picture: a bar with its refresh zone and a "now" line, and a dot per refresh.
+    expect(page.locator("#track-access rect.zone")).to_have_count(1)
+    expect(page.locator("#track-access line.now")).to_have_count(1)
+    assert page.locator("#track-events circle.event").count() >= 1
+    shot(page, "session")
+
+    # Close the browser, open a new one with the saved cookies: still signed in.
+    state = page.context.storage_state()
+    page.context.close()
+    cookie = next(c for c in state["cookies"] if c["name"] == "session")
+    assert cookie["httpOnly"] and cookie["expires"] > time.time() + 14 * 86400  # kept on disk, not a browser-session cookie
+    page = new_page(browser, storage_state=state)
+    page.goto(server.url + "/session")
+    expect(page.get_by_role("heading", level=1)).to_have_text("What keeps you signed in")
+    page.goto(server.url + "/")
+    expect(page.locator("#person-name")).to_have_text("Ada Lovelace")
+
+    with page.expect_navigation(url=server.url + "/"):
+        page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("main").get_by_role("link", name="Sign in")).to_be_visible()
+    expect(page.locator("#person-name")).to_have_count(0)
+    shot(page, "home-after-sign-out")
+    page.context.close()
+
+
+def test_viewer_page_shows_the_narrow_token_and_renews_it(server, browser):
+    from playwright.sync_api import expect
+
+    page = new_page(browser)
+    sign_in(page, server.url, "Katherine Johnson", next_path="/viewer")
+    expect(page.locator("#viewer-scope")).to_have_text("viewables:read")
+    first = page.locator("#viewer-token").inner_text()
+    assert re.fullmatch(r".{8}…", first)
+    expect(page.locator("#viewer-countdown")).to_have_text(re.compile(r"^\d+ s$|^1 min \d+ s$"))
+    expect(page.locator("#viewer-renewals")).to_have_text("1", timeout=WAIT_MS)
+    assert page.locator("#viewer-token").inner_text() != first
+    expect(page.locator("#viewer-log tr")).to_have_count(2)
+    expect(page.locator("#viewer-status")).to_contain_text("Renewed the viewer token")
+    # The page shows the token only truncated.
+    current = page.request.get(server.url + "/api/viewer-token").json()
+    assert current["scope"] == "viewables:read"
+    assert current["access_token"] not in page.content()
+    shot(page, "viewer")
+    page.context.close()
+
+
+def test_two_devices_keep_working_after_expiry_and_one_ends_the_other(server, browser):
+    from playwright.sync_api import expect
+
+    laptop = new_page(browser)
+    phone = new_page(browser, user_agent=PHONE)
+    sign_in(laptop, server.url, "Grace Hopper", next_path="/session")
+    # The second sign-in replaces the person's one refresh token at the provider (strict mode):
+    # the laptop must keep working on the shared, stored one.
+    sign_in(phone, server.url, "Grace Hopper", next_path="/session")
+    for page in (laptop, phone):
+        status = page.locator("#live-status")
+        expect(status).to_contain_text("Silently refreshed", timeout=WAIT_MS)
+    laptop.goto(server.url + "/")
+    expect(laptop.locator("#person-name")).to_have_text("Grace Hopper")
+
+    phone.goto(server.url + "/session")  # keeps polling while the laptop signs it out
+    laptop.goto(server.url + "/devices")
+    devices = laptop.locator("li.device")
+    expect(devices).to_have_count(2)
+    expect(laptop.locator("li.this-device")).to_contain_text("Headless Chrome")
+    other = laptop.locator("li.device", has_text="Chrome 131 on Android")
+    expect(other.locator(".badge")).to_have_count(0)
+    shot(laptop, "devices")
+    with laptop.expect_navigation(url=server.url + "/devices"):
+        other.get_by_role("button", name="Sign out this device").click()
+    expect(devices).to_have_count(1)
+    expect(laptop.locator("li.this-device")).to_have_count(1)
+
+    # The phone's open page notices at its next poll, and the phone is signed out.
+    expect(phone.locator("#live-status")).to_contain_text("You are signed out here", timeout=WAIT_MS)
+    shot(phone, "session-signed-out")
+    phone.goto(server.url + "/")
+    expect(phone.get_by_role("main").get_by_role("link", name="Sign in")).to_be_visible()
+    # The laptop is not: it still refreshes on the person's shared grant.
+    laptop.goto(server.url + "/session")
+    expect(laptop.locator("#live-status")).to_contain_text("Silently refreshed", timeout=WAIT_MS)
+    laptop.context.close()
+    phone.context.close()
