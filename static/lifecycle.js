@@ -211,8 +211,8 @@
     return [
       el("rect", { x: "0", y: "0", width: "100%", height: "100%", class: "track-bg" }),
       bar(start, end, "life", scale, label + " valid " + clock(start) + " – " + clock(end)),
-      bar(start, Math.min(now, end), "used", scale),
       bar(dueAt, end, "zone", scale, "Refresh zone from " + clock(dueAt)),
+      bar(start, Math.min(now, end), "used", scale),
       nowLine(scale(now)),
     ];
   }
@@ -223,9 +223,14 @@
     var leeway = s.leeway_seconds;
     var aStart = at(-(a.issued_ago || 0));
     var aEnd = at(a.expires_in);
-    // Show some time before the token was issued, so earlier refreshes stay in view.
+    // Show some time before the token was issued, reaching back to the last few refreshes when they
+    // are recent, so a run of silent refreshes stays in view.
     var span = Math.max(aEnd - aStart, 1000);
-    var start = Math.min(aStart, now) - span * 0.4;
+    var start = Math.min(aStart, now) - span * 0.25;
+    s.refreshes.slice(0, 4).forEach(function (e) {
+      var t = at(-e.ago);
+      if (t >= aStart - span) start = Math.min(start, t - span * 0.05);
+    });
     var end = Math.max(aEnd, now) + span * 0.05;
     var scale = function (t) { return Math.min(100, Math.max(0, ((t - start) / (end - start)) * 100)); };
 
