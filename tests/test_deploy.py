@@ -410,3 +410,85 @@ def test_compose_standin_service_command_serves_its_discovery_document(image_ven
         assert doc["issuer"] == standin["environment"]["STANDIN_ISSUER"]
     finally:
         assert server.stop() == 0, server.log.read_text()[-3000:]
+
+
+# --- The compose topology on this machine: nginx in front of two replicas and the stand-in service -------
+
+
+def nginx_config(tmp_path: Path, listen: int, apps: list[int], standin_port: int) -> Path:
+    """deploy/nginx.conf with Docker's DNS names replaced by loopback ports (Debian's nginx has no `resolve`)."""
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    conf = re.sub(r"^resolver .*;$", "", conf, flags=re.MULTILINE)
+    conf = conf.replace("server app:8000 resolve;", " ".join(f"server 127.0.0.1:{port};" for port in apps))
+    conf = conf.replace("server standin:8000 resolve;", f"server 127.0.0.1:{standin_port};")
+    conf = conf.replace("listen 80;", f"listen 127.0.0.1:{listen};")
+    assert "app:8000" not in conf and "standin:8000" not in conf
+    (tmp_path / "site.conf").write_text(conf)
+    main = tmp_path / "nginx.conf"
+    temp = tmp_path / "nginx-temp"
+    temp.mkdir()
+    main.write_text(
+        f"daemon off;\npid {tmp_path / 'nginx.pid'};\nerror_log stderr;\nevents {{}}\nhttp {{\n"
+        f"  access_log {tmp_path / 'nginx-access.log'};\n"
+        + "".join(f"  {name}_temp_path {temp / name};\n" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + f"  include {tmp_path / 'site.conf'};\n}}\n"
+    )
+    return main
+
+
+@pytest.mark.slow
+def test_sign_in_through_nginx_with_two_replicas_and_a_separate_standin(tmp_path, database_url):
+    """The demo stack without Docker: browser -> nginx -> replicas; replicas -> stand-in over the back channel."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    if not database_url.startswith("postgresql"):
+        pytest.skip("replicas share PostgreSQL in the stack")
+    from servers import Gunicorn, migrate, server_env
+
+    proxy_port, standin_port, app_ports = free_port(), free_port(), [free_port(), free_port()]
+    public = f"http://127.0.0.1:{proxy_port}"
+    with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    env = server_env(
+        tmp_path,
+        database_url,
+        f"{public}/standin",
+        OAUTH_PROVIDER="autodesk",
+        OAUTH_CLIENT_ID="standin-client",
+        OAUTH_CLIENT_SECRET="standin-secret",
+        OAUTH_BACKCHANNEL_URL=f"http://127.0.0.1:{standin_port}/standin",
+        TRUSTED_PROXY_COUNT="1",
+    )
+    migrate(env)
+    standin_env = env | {"STANDIN_ISSUER": f"{public}/standin", "STANDIN_REDIRECT_URIS": f"{public}/auth/callback"}
+    started: list = []
+    try:
+        standin_server = Started(
+            [BIN / "gunicorn", "--bind", f"127.0.0.1:{standin_port}", "--threads", "4", "--no-control-socket", "standin.wsgi:create_app()"],
+            standin_env | {"PYTHONPATH": str(ROOT)},
+            tmp_path / "standin.log",
+        )
+        started.append(standin_server)
+        for port in app_ports:
+            replica_env = env | {"GUNICORN_CMD_ARGS": "--access-logfile -"}  # gunicorn reads it, as in the image
+            started.append(Gunicorn(replica_env, port, tmp_path / f"app-{port}.log", workers=2).start())
+        proxy = Started([nginx, "-c", nginx_config(tmp_path, proxy_port, app_ports, standin_port)], env, tmp_path / "nginx.log")
+        started.append(proxy)
+        proxy.wait_until(f"{public}/healthz")
+
+        login = requests.get(f"{public}/auth/login", allow_redirects=False, timeout=30)
+        query = parse_qs(urlsplit(login.headers["Location"]).query)
+        assert login.headers["Location"].startswith(f"{public}/standin/authentication/v2/authorize?")
+        assert query["redirect_uri"] == [f"{public}/auth/callback"]  # from nginx's X-Forwarded-Host, port included
+
+        browser = http_sign_in(public, "Katherine Johnson")
+        for _ in range(6):  # round robin: both replicas serve the same session from the shared database
+            reply = browser.get(f"{public}/api/profile", timeout=30)
+            assert reply.status_code == 200 and reply.json()["name"] == "Katherine Johnson"
+    finally:
+        for server in reversed(started):
+            server.stop()
+    served = [(tmp_path / f"app-{port}.log").read_text().count("/api/profile") for port in app_ports]
+    assert all(served), served
