@@ -481,7 +481,7 @@ def test_sign_in_through_nginx_with_two_replicas_and_a_separate_standin(tmp_path
         login = requests.get(f"{public}/auth/login", allow_redirects=False, timeout=30)
         query = parse_qs(urlsplit(login.headers["Location"]).query)
         assert login.headers["Location"].startswith(f"{public}/standin/authentication/v2/authorize?")
-        assert query["redirect_uri"] == [f"{public}/auth/callback"]  # from nginx's X-Forwarded-Host, port included
+        assert query["redirect_uri"] == [f"{public}/auth/callback"]  # the browser's host and port, passed on by nginx
 
         browser = http_sign_in(public, "Katherine Johnson")
         for _ in range(6):  # round robin: both replicas serve the same session from the shared database
