@@ -437,13 +437,12 @@ def nginx_config(tmp_path: Path, listen: int, apps: list[int], standin_port: int
 
 
 @pytest.mark.slow
-def test_sign_in_through_nginx_with_two_replicas_and_a_separate_standin(tmp_path, database_url):
+def test_sign_in_through_nginx_with_two_replicas_and_a_separate_standin(tmp_path, pg_database):
     """The demo stack without Docker: browser -> nginx -> replicas; replicas -> stand-in over the back channel."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         pytest.skip("nginx is not installed (apt-get install nginx-light)")
-    if not database_url.startswith("postgresql"):
-        pytest.skip("replicas share PostgreSQL in the stack")
+    database_url = pg_database  # replicas share PostgreSQL in the stack
     from servers import Gunicorn, migrate, server_env
 
     proxy_port, standin_port, app_ports = free_port(), free_port(), [free_port(), free_port()]

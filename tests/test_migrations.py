@@ -10,7 +10,8 @@ from alembic.migration import MigrationContext
 from flask_migrate import downgrade, migrate, upgrade
 from sqlalchemy import inspect, text
 
-from app import MIGRATIONS
+from app import MIGRATIONS, create_app
+from conftest import make_config
 from models import db
 from servers import BIN, ROOT, server_env
 
@@ -86,15 +87,14 @@ def test_autogenerate_writes_the_decorators_as_database_types(app, tmp_path):
 
 
 @pytest.mark.slow
-def test_replicas_migrating_together_all_succeed(app, tmp_path, database_url):
+def test_replicas_migrating_together_all_succeed(tmp_path, pg_database):
     """Three `flask db upgrade` at once on one empty PostgreSQL database: one migrates, the others wait."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("several processes migrating one database is the PostgreSQL deployment")
+    app = create_app(make_config(tmp_path, pg_database))
     with app.app_context():
         with db.engine.begin() as conn:
             conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
         db.engine.dispose()
-    env = server_env(tmp_path, database_url, "http://127.0.0.1:9/standin")
+    env = server_env(tmp_path, pg_database, "http://127.0.0.1:9/standin")
     results: list[subprocess.CompletedProcess] = []
     barrier = threading.Barrier(3)
 
@@ -109,3 +109,5 @@ def test_replicas_migrating_together_all_succeed(app, tmp_path, database_url):
         thread.join()
     assert [r.returncode for r in results] == [0, 0, 0], "\n".join(r.stderr[-1500:] for r in results)
     assert drift(app) == []
+    with app.app_context():
+        db.engine.dispose()
