@@ -18,7 +18,7 @@ import requests
 from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "bench" / "results"))
 # The app's modules and the tests' gunicorn harness (servers.py) are imported, not copied.
 for folder in (ROOT, ROOT / "tests"):
     if str(folder) not in sys.path:

@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py            # the full run (about 10 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick    # short runs, for trying changes
     .venv/bin/python bench/run.py --only hook,profile
+    .venv/bin/python bench/run.py --patch bench/patches/1-one-query-per-request.diff --only hook,profile
 
 Needs PostgreSQL at postgresql://postgres@127.0.0.1:5432/postgres (BENCH_POSTGRES_ADMIN) to create
 and drop its own databases, wrk (Debian package) and pyinstrument (requirements-dev.txt). Raw
@@ -13,10 +14,14 @@ import argparse
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from common import machine, postgres_database, wait_for_load, workdir
+from common import RESULTS, ROOT, machine, postgres_database, wait_for_load, workdir
 
 ALL = ("hook", "profile", "expiry", "people", "storage")
 
@@ -25,17 +30,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs and fewer people, for development")
     parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--patch", action="append", default=[], help="run on a copy of the app with this diff applied (repeatable)")
     parser.add_argument("--max-load", type=float, default=None, help="wait (up to 15 minutes) for the 1-minute load average to drop below this first")
     args = parser.parse_args()
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(chosen) - set(ALL)
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    if args.patch:
+        sys.exit(run_patched(args.patch, [a for a in sys.argv[1:] if a not in args.patch and a != "--patch" and not a.startswith("--patch=")]))
     if args.max_load is not None:
         print(f"load {wait_for_load(args.max_load, time.time() + 900):.2f}", file=sys.stderr)
 
-    folder = workdir("quick" if args.quick else "full")
-    results: dict = {"quick": args.quick, "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    folder = workdir(("quick" if args.quick else "full") + os.environ.get("BENCH_LABEL", ""))
+    results: dict = {"quick": args.quick, "label": os.environ.get("BENCH_LABEL", ""), "machine": machine()}
+    results["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     for name in chosen:
         print(f"== {name}", file=sys.stderr)
         started = time.monotonic()
@@ -47,6 +56,20 @@ def main() -> None:
     (folder / "summary.md").write_text(report)
     print(report)
     print(f"raw results: {folder}", file=sys.stderr)
+
+
+def run_patched(patches: list[str], argv: list[str]) -> int:
+    """Copy the working tree, apply the patches to the copy, and run these benchmarks there."""
+    with tempfile.TemporaryDirectory(prefix="bench-patched-") as tmp:
+        copy = Path(tmp) / "app"
+        skip = shutil.ignore_patterns(".venv", ".git", "results", "instance", "__pycache__", ".pytest_cache", ".ruff_cache", "test-output", "node_modules")
+        shutil.copytree(ROOT, copy, ignore=skip)
+        (copy / ".venv").symlink_to(ROOT / ".venv")
+        for patch in patches:
+            subprocess.run(["patch", "-p1", "--quiet", "-i", str(Path(patch).resolve())], cwd=copy, check=True)
+        label = "-" + "+".join(Path(p).stem for p in patches)
+        env = os.environ | {"BENCH_RESULTS": str(RESULTS), "BENCH_LABEL": label}
+        return subprocess.run([sys.executable, str(copy / "bench" / "run.py"), *argv], env=env).returncode
 
 
 def run_one(name: str, folder, quick: bool):
