@@ -106,7 +106,9 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     out = [
         f"Machine: {m['cpus']} vCPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Python {m['python']}, "
-        f"PostgreSQL {m['postgresql']}; 1-minute load {m['load_1min_at_start']:.2f} at start" + (" (quick run)" if r["quick"] else ""),
+        f"PostgreSQL {m['postgresql']}; 1-minute load {m['load_1min_at_start']:.2f} at start"
+        + (" (quick run)" if r["quick"] else "")
+        + (f"; patched: {r['label'][1:]}" if r.get("label") else ""),
         "",
     ]
     if "hook" in r:
