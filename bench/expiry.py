@@ -57,7 +57,7 @@ def summarize(rounds: list[dict], rejected: int, burst: int, workers: int, threa
     """Turn the raw rounds into the figures the README reports."""
     failed = sum(1 for r in rounds for status, _ in r["replies"] if status != 200)
     latency_ms = [took * 1000 for r in rounds for _, took in r["replies"]]
-    refresher_ms, waited_lock_ms, behind_ms, waiters = [], [], [], []
+    refresher_ms, waited_lock_ms, behind_ms, waiter_ms, waiters = [], [], [], [], []
     for r in rounds:
         refreshed = [e for e in r["events"] if e["outcome"] == "refreshed" and e["kind"] == "access"]
         fresh = [e for e in r["events"] if e["outcome"] == "used_fresh"]
@@ -66,6 +66,7 @@ def summarize(rounds: list[dict], rejected: int, burst: int, workers: int, threa
             holder = refreshed[0]
             refresher_ms.append(holder["duration_ms"])
             waited_lock_ms += [e["lock_wait_ms"] for e in fresh]
+            waiter_ms += [e["duration_ms"] for e in fresh]
             # How much later than the refresher each waiter was done with the token (log stamps, ms).
             behind_ms += [(e["logged_at"] - holder["logged_at"]) * 1000 for e in fresh]
     return {
@@ -78,6 +79,8 @@ def summarize(rounds: list[dict], rejected: int, burst: int, workers: int, threa
         "waiters_per_expiry": waiters,
         "refresher_duration_ms_p50": median(refresher_ms),
         "refresher_duration_ms_max": max(refresher_ms, default=float("nan")),
+        "waiter_duration_ms_p50": median(waiter_ms),
+        "waiter_duration_ms_p99": percentile(waiter_ms, 99),
         "waiter_lock_wait_ms_p50": median(waited_lock_ms),
         "waiter_lock_wait_ms_p99": percentile(waited_lock_ms, 99),
         "waiter_done_after_refresher_ms_p50": median(behind_ms),
