@@ -33,7 +33,7 @@ def test_random_cookies_and_query_strings_never_get_a_5xx(app_factory):
     routes = get_routes(app)
     assert "/auth/callback" in routes and "/api/viewer-token" in routes
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
     @given(cookies=cookies, params=params, raw=raw_query, use_real_flow=st.booleans(), use_real_state=st.booleans())
     def probe(cookies, params, raw, use_real_flow, use_real_state):
         if use_real_flow:
