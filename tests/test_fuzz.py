@@ -55,3 +55,26 @@ def test_random_cookies_and_query_strings_never_get_a_5xx(app_factory):
     probe()
     assert ada.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
     assert stored_user(app).refresh_token == before.refresh_token
+
+
+def test_random_posts_never_get_a_5xx_nor_change_anything(app_factory):
+    app = app_factory(SIGNIN_RATE_LIMIT="off")
+    ada = app.test_client()
+    sign_in(ada)
+    before = stored_user(app)
+    routes = sorted(rule.rule for rule in app.url_map.iter_rules() if "POST" in rule.methods)
+    header_names = st.sampled_from(["Origin", "Sec-Fetch-Site", "Sec-Fetch-Mode", "X-CSRF-Token", "Content-Type", "Referer"])
+    forms = st.dictionaries(st.sampled_from(["csrf_token", "session", "next"]) | st.text(max_size=10), st.text(max_size=200), max_size=4)
+
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(form=forms, headers=st.dictionaries(header_names, header_text, max_size=4), as_ada=st.booleans(), route=st.sampled_from(routes))
+    def probe(form, headers, as_ada, route):
+        browser = ada if as_ada else app.test_client()
+        reply = browser.post(route, data=form, headers=headers)
+        assert reply.status_code < 500, (route, form, headers, reply.status_code)
+        # A forged request can never carry this session's token, so it never signs Ada out.
+        assert reply.status_code != 302 or not as_ada, (route, form, headers)
+
+    probe()
+    assert ada.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
+    assert stored_user(app).refresh_token == before.refresh_token

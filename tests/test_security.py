@@ -1,6 +1,7 @@
 """Cookies, headers, session fixation and lifetime, token leaks and sign-in rate limits."""
 
 import logging
+import re
 import time
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
@@ -216,3 +217,16 @@ def test_rate_limit_setting_is_read(text, rate):
 def test_bad_rate_limit_setting_stops_start_up(app_factory, text):
     with pytest.raises(SystemExit, match="SIGNIN_RATE_LIMIT"):
         app_factory(SIGNIN_RATE_LIMIT=text)
+
+
+def test_pages_need_no_inline_script(app, client):
+    """The CSP forbids inline script; make sure no page relies on one (it would silently not run)."""
+    sign_in(client)
+    for path in get_routes(app):
+        reply = client.get(path)
+        if reply.mimetype != "text/html":
+            continue
+        page = reply.get_data(as_text=True)
+        assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page), path
+        assert not re.search(r"\son[a-z]+\s*=", page, re.IGNORECASE), path
+        assert "javascript:" not in page.lower(), path
