@@ -16,7 +16,8 @@ bp = Blueprint("pages", __name__)
 
 RECENT_REFRESHES = 8
 
-# The APS Viewer loads its code, styles, fonts, workers and model data from Autodesk's hosts.
+# The APS Viewer loads its code, styles, fonts, workers and model data from Autodesk's hosts, and
+# writes style elements of its own; scripts stay limited to this site and Autodesk's API host.
 APS_VIEWER_JS = "https://developer.api.autodesk.com/modelderivative/v2/viewers/7.*/viewer3D.min.js"
 APS_VIEWER_CSS = "https://developer.api.autodesk.com/modelderivative/v2/viewers/7.*/style.min.css"
 APS_VIEWER_CSP = (
@@ -106,8 +107,8 @@ def lifecycle(user: User) -> dict:
     events = (
         db.session.execute(select(RefreshEvent).where(RefreshEvent.user_id == user.id).order_by(RefreshEvent.id.desc()).limit(RECENT_REFRESHES)).scalars().all()
     )
-    access_issued = _latest(user, "access") or user.signed_in_at
-    viewer_issued = _latest(user, "viewer") or user.signed_in_at
+    access_issued = _latest(user, "access")
+    viewer_issued = _latest(user, "viewer")
     sessions = db.session.execute(select(func.count()).where(UserSession.user_id == user.id, UserSession.expires_at > now)).scalar_one()
 
     def since(moment: datetime | None) -> float | None:
