@@ -138,6 +138,12 @@ def test_viewer_page_shows_the_narrow_token_and_renews_it(server, browser):
     assert current["scope"] == "viewables:read"
     assert current["access_token"] not in page.content()
     shot(page, "viewer")
+
+    # A failed sign-in (here: the person cancelled at the provider) gets a friendly page with a way back.
+    page.goto(server.url + "/auth/callback?error=access_denied")
+    expect(page.get_by_role("heading", level=1)).to_have_text("The provider did not sign you in.")
+    expect(page.get_by_role("link", name="Try again")).to_have_attribute("href", "/auth/login")
+    shot(page, "error-callback")
     page.context.close()
 
 
