@@ -93,6 +93,9 @@ def security_headers(response: Response) -> Response:
     headers["X-Content-Type-Options"] = "nosniff"
     headers["X-Frame-Options"] = "DENY"
     headers["Referrer-Policy"] = "no-referrer"
+    # Other sites may neither embed our responses (a viewer token as a script) nor keep a handle on our windows.
+    headers["Cross-Origin-Resource-Policy"] = "same-origin"
+    headers["Cross-Origin-Opener-Policy"] = "same-origin"
     if request.endpoint != "static":
         # Pages and API answers carry personal data or tokens: never cache them.
         headers["Cache-Control"] = "no-store"

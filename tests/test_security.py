@@ -108,6 +108,7 @@ def test_security_headers_on_every_route(secure_app, https_client):
         assert "object-src 'none'" in csp and "base-uri 'none'" in csp, path
         assert headers["X-Content-Type-Options"] == "nosniff"
         assert headers["Referrer-Policy"] == "no-referrer"
+        assert headers["Cross-Origin-Resource-Policy"] == headers["Cross-Origin-Opener-Policy"] == "same-origin"
         assert headers["Strict-Transport-Security"].startswith("max-age=")
         if not path.startswith("/static/"):
             assert headers["Cache-Control"] == "no-store", path
