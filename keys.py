@@ -45,9 +45,11 @@ def rotate_all() -> tuple[int, int]:
 def rotate_token_keys() -> None:
     """Re-encrypt every stored token with the first key of TOKEN_ENCRYPTION_KEYS."""
     rotated, unreadable = rotate_all()
-    click.echo(f"Re-encrypted the tokens of {rotated} people with the newest key.")
+    click.echo(f"Re-encrypted the stored tokens of {rotated} {'person' if rotated == 1 else 'people'} with the newest key.")
     if unreadable:
-        # Leave them: the person signs in again when their token cannot be read; deleting loses nothing more.
-        click.echo(f"{unreadable} people's tokens could not be decrypted with any configured key; they were left as they are.", err=True)
+        # Leave them as they are: the key that wrote them is missing from the ring, and putting it back fixes them.
+        who = "person" if unreadable == 1 else "people"
+        click.echo(f"The tokens of {unreadable} {who} could not be decrypted with any configured key and were left as they are;", err=True)
+        click.echo("add the key that encrypted them to TOKEN_ENCRYPTION_KEYS and run this again.", err=True)
         raise SystemExit(1)
     click.echo("Once every instance runs with the new key first, the old keys can be removed.")

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet, InvalidToken
-from sqlalchemy import text
+from sqlalchemy import event, text
 
+import keys
 import sessions
 from conftest import make_config, sign_in, stored_user
 from models import db
@@ -65,7 +66,7 @@ def test_rotate_token_keys_re_encrypts_with_the_new_key(app_factory):
     rotating = app_factory(TOKEN_ENCRYPTION_KEYS=f"{NEW_KEY},{OLD_KEY}")
     result = rotating.test_cli_runner().invoke(args=["rotate-token-keys"])
     assert result.exit_code == 0, result.output
-    assert "tokens of 1 people" in result.output
+    assert "stored tokens of 1 person" in result.output
 
     stored = raw_tokens(first)
     assert set(stored) == {"refresh_token", "access_token", "viewer_token"}
@@ -111,3 +112,28 @@ def test_rotate_token_keys_runs_from_the_flask_command(app_factory, tmp_path, da
     )
     assert done.returncode == 0, done.stderr
     assert Fernet(NEW_KEY).decrypt(raw_tokens(app)["refresh_token"].encode()).decode() == before.refresh_token
+
+
+def test_rotation_never_overwrites_a_token_stored_meanwhile(app_factory):
+    """A refresh that stores a new token between the command's read and write wins."""
+    first = app_factory(TOKEN_ENCRYPTION_KEYS=OLD_KEY)
+    sign_in(first.test_client())
+    rotating = app_factory(TOKEN_ENCRYPTION_KEYS=f"{NEW_KEY},{OLD_KEY}")
+    meanwhile = Fernet(NEW_KEY).encrypt(b"refresh-token-stored-meanwhile").decode()
+    fired = []
+
+    def refresh_meanwhile(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("UPDATE USERS") and not fired:
+            fired.append(statement)
+            with db.engine.connect() as other:  # another connection, as another process's refresh
+                other.execute(text("UPDATE users SET refresh_token = :token"), {"token": meanwhile})
+                other.commit()
+
+    with rotating.app_context():
+        event.listen(db.engine, "before_cursor_execute", refresh_meanwhile)
+        try:
+            assert keys.rotate_all() == (1, 0)
+        finally:
+            event.remove(db.engine, "before_cursor_execute", refresh_meanwhile)
+    assert fired
+    assert raw_tokens(first)["refresh_token"] == meanwhile
