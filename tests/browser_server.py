@@ -3,12 +3,14 @@
 Used by tests/test_browser.py and by scripts/screenshots.
 """
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -61,7 +63,8 @@ class LiveServer:
         """Apply the migrations, start gunicorn and wait until it answers /healthz."""
         self.folder.mkdir(parents=True, exist_ok=True)
         subprocess.run([BIN / "flask", "--app", "app", "db", "upgrade"], cwd=ROOT, env=self.env, check=True, capture_output=True)
-        args = ["--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--threads", "4", "--timeout", "60"]
+        # No control socket: its default path is shared, and other instances may run on this machine.
+        args = ["--no-control-socket", "--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--threads", "4", "--timeout", "60"]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [BIN / "gunicorn", *args, "app:create_app()"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -95,6 +98,26 @@ class LiveServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def playwright_session() -> Iterator:
+    """Run Playwright, and on the way out wait until its driver process has really exited.
+
+    Playwright may return while its driver is still exiting; the driver's Popen object would then be
+    collected while the process runs, which warns (an error under pytest's filterwarnings=error).
+    """
+    from playwright.sync_api import sync_playwright
+
+    manager = sync_playwright()
+    with manager as playwright:
+        try:
+            driver = manager._client._transport._proc._transport._proc  # Playwright internals; absent in other versions
+        except AttributeError:
+            driver = None
+        yield playwright
+    if driver is not None:
+        driver.wait(timeout=30)
 
 
 def launch_chromium(playwright):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_server import CHROMIUM, ROOT, VIEWPORT, LiveServer, launch_chromium, sign_in
+from browser_server import CHROMIUM, ROOT, VIEWPORT, LiveServer, launch_chromium, playwright_session, sign_in
 
 pytestmark = pytest.mark.browser
 OUTPUT = ROOT / "test-output" / "browser"
@@ -33,10 +33,8 @@ def browser():
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing, and CI must run the browser tests")
         pytest.skip(f"{CHROMIUM} is missing")
-    from playwright.sync_api import sync_playwright
-
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
+    with playwright_session() as playwright:
         chromium = launch_chromium(playwright)
         yield chromium
         chromium.close()
