@@ -24,5 +24,6 @@ exec gunicorn \
   --worker-tmp-dir "${GUNICORN_WORKER_TMP_DIR:-/dev/shm}" \
   --no-control-socket \
   --access-logfile - \
+  --access-logformat '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms' \
   --error-logfile - \
   'app:create_app()'
