@@ -26,7 +26,7 @@ import sessions
 import standin
 import tokens
 from models import db
-from provider import Provider, aps_endpoints, discover
+from provider import BackChannel, Provider, aps_endpoints, discover
 from redirects import safe_next
 from standin.inprocess import WSGIAdapter
 
@@ -201,15 +201,3 @@ def _trust_proxies(app: Flask) -> None:
     if hops:
         # Outermost wrapper: the embedded stand-in and the rate limiter see the fixed values too.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
-
-
-class BackChannel(requests.adapters.HTTPAdapter):
-    """Send server-to-server calls for the browser-facing issuer URL to the provider's internal address."""
-
-    def __init__(self, public: str, internal: str):
-        super().__init__()
-        self.public, self.internal = public.rstrip("/"), internal.rstrip("/")
-
-    def send(self, request: requests.PreparedRequest, **kwargs) -> requests.Response:
-        request.url = self.internal + request.url[len(self.public) :]
-        return super().send(request, **kwargs)

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from config import APS_HOST, ConfigError
 
@@ -171,3 +172,15 @@ class Provider:
                 raise InvalidGrant(str(body.get("error_description", "")))
             raise ProviderRejected(error, str(body.get("error_description", "")))
         return body
+
+
+class BackChannel(HTTPAdapter):
+    """Send server-to-server calls for the browser-facing issuer URL to the provider's internal address."""
+
+    def __init__(self, public: str, internal: str):
+        super().__init__()
+        self.public, self.internal = public.rstrip("/"), internal.rstrip("/")
+
+    def send(self, request: requests.PreparedRequest, **kwargs) -> requests.Response:
+        request.url = self.internal + request.url[len(self.public) :]
+        return super().send(request, **kwargs)
