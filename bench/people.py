@@ -50,10 +50,14 @@ def warm_up(url: str, secret: str, connections: int) -> None:
     wrk(f"{url}/api/session", 2, connections, f"session={cookie}")
 
 
-def run(kind: str, folder, quick: bool, worker_counts: tuple[int, ...] = (1, 3), threads: int = 4) -> dict:
-    """Sign people in, then for each worker count fire one request per person while all tokens are stale."""
-    people = 100 if quick else 1000
-    sub = folder / f"people-{kind}"
+def run(kind: str, folder, quick: bool, worker_counts: tuple[int, ...] = (1, 3), threads: int = 4, provider_delay: float = 0.0) -> dict:
+    """Sign people in, then for each worker count fire one request per person while all tokens are stale.
+
+    provider_delay: seconds the stand-in waits before answering each refresh, like a provider across
+    a network; the refresh holds its lock that long, which is when lock contention shows.
+    """
+    people = (50 if quick else 200) if provider_delay else (100 if quick else 1000)
+    sub = folder / (f"people-{kind}" + ("-slow-provider" if provider_delay else ""))
     port = free_port()
     with database(kind, sub.parent, "bench_people") as url, postgres_database("bench_standin") as standin_url:
         env = bench_env(sub, url, port, STANDIN_ACCESS_TOKEN_TTL=str(TTL), TOKEN_REFRESH_LEEWAY=str(LEEWAY), STANDIN_DATABASE_URL=standin_url)
@@ -72,6 +76,8 @@ def run(kind: str, folder, quick: bool, worker_counts: tuple[int, ...] = (1, 3),
                 warm_up(server.url, env["SECRET_KEY"], workers * threads)
                 # Every token was issued (or last refreshed) at least STALE_AFTER seconds ago.
                 time.sleep(max(0.0, last_issued + STALE_AFTER + 0.5 - time.time()))
+                if provider_delay:
+                    store.inject("timeout", count=people, delay=provider_delay)
                 before = store.count("refresh")
                 started = time.monotonic()
                 since = time.time()
@@ -80,6 +86,7 @@ def run(kind: str, folder, quick: bool, worker_counts: tuple[int, ...] = (1, 3),
                 last_issued = time.time()
                 time.sleep(0.3)
                 refreshes = store.count("refresh") - before
+                store.clear_faults()
             finally:
                 server.stop()
             events = [e for e in refresh_log([log], since=since - 0.001) if e["kind"] == "access"]
@@ -109,6 +116,7 @@ def run(kind: str, folder, quick: bool, worker_counts: tuple[int, ...] = (1, 3),
     return {
         "database": kind,
         "people": people,
+        "provider_delay_ms": provider_delay * 1000,
         "sign_in_seconds": signin_seconds,
         "runs": runs,
         "scaling": last["requests_per_second"] / first["requests_per_second"],
