@@ -5,8 +5,11 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -88,11 +91,19 @@ def bench_env(folder: Path, database_url: str, issuer_port: int, **extra: str) -
     return env
 
 
-def start_server(env: dict, port: int, log_path: Path, workers: int = 3, threads: int = 4) -> Gunicorn:
-    """Start a gunicorn instance; on a loaded machine keep waiting for a slow first answer, and never leak it."""
+def start_server(env: dict, port: int, log_path: Path, workers: int = 3, threads: int = 4, tree: Path | None = None) -> Gunicorn:
+    """Start a gunicorn instance; on a loaded machine keep waiting for a slow first answer, and never leak it.
+
+    tree: serve the app from this copy of the code (a patched one) instead of the working tree.
+    """
     server = Gunicorn(env, port, log_path, workers=workers, threads=threads)
+    if tree is not None:
+        server.args += ["--chdir", str(tree)]
     try:
-        return server.start()
+        server.start()
+        if tree is not None:
+            assert all(Path(f"/proc/{pid}/cwd").resolve() == tree.resolve() for pid in server.workers()), "workers run another tree"
+        return server
     except requests.RequestException:
         # servers.py waits 1 s per health check and gives up on a read timeout; workers still booting are slow.
         deadline = time.monotonic() + 60
@@ -107,6 +118,19 @@ def start_server(env: dict, port: int, log_path: Path, workers: int = 3, threads
     except BaseException:
         server.stop()
         raise
+
+
+@contextmanager
+def patched_tree(patches: list[str]) -> Iterator[Path]:
+    """Yield a temporary copy of the working tree with the patches (unified diffs) applied."""
+    with tempfile.TemporaryDirectory(prefix="bench-patched-") as tmp:
+        copy = Path(tmp) / "app"
+        skip = shutil.ignore_patterns(".venv", ".git", "results", "instance", "__pycache__", ".pytest_cache", ".ruff_cache", "test-output", "node_modules")
+        shutil.copytree(ROOT, copy, ignore=skip)
+        (copy / ".venv").symlink_to(ROOT / ".venv")
+        for patch in patches:
+            subprocess.run(["patch", "-p1", "--quiet", "-i", str(Path(patch).resolve())], cwd=copy, check=True)
+        yield copy
 
 
 def cookie_header(browser) -> str:

@@ -32,41 +32,59 @@ def wrk(url: str, seconds: int, connections: int, cookie: str | None = None) -> 
     }
 
 
-def run(kind: str, folder, quick: bool, workers: int = 2, threads: int = 4) -> dict:
-    """Measure both endpoints on one server backed by a fresh database of this kind."""
+def run(kind: str, folder, quick: bool, workers: int = 2, threads: int = 4, trees: dict | None = None) -> dict:
+    """Measure both endpoints on one server backed by a fresh database of this kind.
+
+    trees: name -> code tree (None: the working tree); each gets its own server on the same
+    database, and the rounds go healthz, session for each tree in turn, so they share the noise.
+    """
+    trees = trees or {"working tree": None}
     seconds, rounds = (3, 2) if quick else (10, 5)
     connections = workers * threads
+    servers = {}
     with database(kind, folder, "bench_hook") as url:
         port = free_port()
         env = bench_env(folder / kind, url, port)
-        server = start_server(env, port, folder / f"hook-{kind}.log", workers=workers, threads=threads)
         try:
-            browser = http_sign_in(server.url)
-            cookie = cookie_header(browser)
-            # The cookie must really sign in: a 401 would be fast and meaningless.
-            check = requests.get(f"{server.url}/api/session", headers={"Cookie": cookie}, timeout=30)
-            assert check.status_code == 200 and check.json()["signed_in"], check.text
-            wrk(f"{server.url}/healthz", 1, connections)  # warm up every worker
-            wrk(f"{server.url}/api/session", 1, connections, cookie)
-            healthz, session = [], []
+            for n, (name, tree) in enumerate(trees.items()):
+                server_port = port if n == 0 else free_port()
+                servers[name] = start_server(env, server_port, folder / f"hook-{kind}-{n}.log", workers=workers, threads=threads, tree=tree)
+            cookies = {}
+            for n, (name, server) in enumerate(servers.items()):
+                cookies[name] = cookie_header(http_sign_in(server.url, name=f"Hook Person {n}"))
+                # The cookie must really sign in: a 401 would be fast and meaningless.
+                check = requests.get(f"{server.url}/api/session", headers={"Cookie": cookies[name]}, timeout=30)
+                assert check.status_code == 200 and check.json()["signed_in"], check.text
+                wrk(f"{server.url}/healthz", 1, connections)  # warm up every worker
+                wrk(f"{server.url}/api/session", 1, connections, cookies[name])
+            measured = {name: ([], []) for name in servers}
             for _ in range(rounds):
-                healthz.append(wrk(f"{server.url}/healthz", seconds, connections))
-                session.append(wrk(f"{server.url}/api/session", seconds, connections, cookie))
+                for name, server in servers.items():
+                    measured[name][0].append(wrk(f"{server.url}/healthz", seconds, connections))
+                    measured[name][1].append(wrk(f"{server.url}/api/session", seconds, connections, cookies[name]))
         finally:
-            server.stop()
-    bad = sum(r["non_2xx"] + r["socket_errors"] for r in healthz + session)
-    h, s = median([r["rps"] for r in healthz]), median([r["rps"] for r in session])
+            for server in servers.values():
+                server.stop()
+    variants = []
+    for name, (healthz, session) in measured.items():
+        h, s = median([r["rps"] for r in healthz]), median([r["rps"] for r in session])
+        variants.append(
+            {
+                "tree": name,
+                "healthz_rps": [r["rps"] for r in healthz],
+                "session_rps": [r["rps"] for r in session],
+                "healthz_rps_median": h,
+                "session_rps_median": s,
+                "ratio": s / h,
+                "healthz_latency": [(r["p50"], r["p99"]) for r in healthz],
+                "session_latency": [(r["p50"], r["p99"]) for r in session],
+                "failed_requests": sum(r["non_2xx"] + r["socket_errors"] for r in healthz + session),
+            }
+        )
     return {
         "database": kind,
         "workers": workers,
         "threads": threads,
         "wrk": f"-t1 -c{connections} -d{seconds}s, {rounds} rounds interleaved",
-        "healthz_rps": [r["rps"] for r in healthz],
-        "session_rps": [r["rps"] for r in session],
-        "healthz_rps_median": h,
-        "session_rps_median": s,
-        "ratio": s / h,
-        "healthz_latency": [(r["p50"], r["p99"]) for r in healthz],
-        "session_latency": [(r["p50"], r["p99"]) for r in session],
-        "failed_requests": bad,
+        "variants": variants,
     }

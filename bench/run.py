@@ -14,14 +14,12 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, machine, postgres_database, wait_for_load, workdir
+from common import RESULTS, machine, patched_tree, postgres_database, wait_for_load, workdir
 
 ALL = ("hook", "profile", "expiry", "people", "people-slow", "storage")
 # The stand-in's answer to a refresh is delayed this long in "people-slow", like a provider across a network.
@@ -33,6 +31,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs and fewer people, for development")
     parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--patch", action="append", default=[], help="run on a copy of the app with this diff applied (repeatable)")
+    parser.add_argument("--compare", action="append", default=[], help="hook only: serve this patched copy beside the working tree, rounds interleaved")
     parser.add_argument("--max-load", type=float, default=None, help="wait (up to 15 minutes) for the 1-minute load average to drop below this first")
     args = parser.parse_args()
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -50,7 +49,7 @@ def main() -> None:
     for name in chosen:
         print(f"== {name}", file=sys.stderr)
         started = time.monotonic()
-        results[name] = run_one(name, folder, args.quick)
+        results[name] = run_one(name, folder, args.quick, args.compare)
         results[f"{name}_seconds"] = round(time.monotonic() - started, 1)
         results[f"{name}_load_after"] = os.getloadavg()[0]
         (folder / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -62,22 +61,20 @@ def main() -> None:
 
 def run_patched(patches: list[str], argv: list[str]) -> int:
     """Copy the working tree, apply the patches to the copy, and run these benchmarks there."""
-    with tempfile.TemporaryDirectory(prefix="bench-patched-") as tmp:
-        copy = Path(tmp) / "app"
-        skip = shutil.ignore_patterns(".venv", ".git", "results", "instance", "__pycache__", ".pytest_cache", ".ruff_cache", "test-output", "node_modules")
-        shutil.copytree(ROOT, copy, ignore=skip)
-        (copy / ".venv").symlink_to(ROOT / ".venv")
-        for patch in patches:
-            subprocess.run(["patch", "-p1", "--quiet", "-i", str(Path(patch).resolve())], cwd=copy, check=True)
+    with patched_tree(patches) as copy:
         label = "-" + "+".join(Path(p).stem for p in patches)
         env = os.environ | {"BENCH_RESULTS": str(RESULTS), "BENCH_LABEL": label}
         return subprocess.run([sys.executable, str(copy / "bench" / "run.py"), *argv], env=env).returncode
 
 
-def run_one(name: str, folder, quick: bool):
+def run_one(name: str, folder, quick: bool, compare: list[str]):
     if name == "hook":
         import hook
 
+        if compare:
+            with patched_tree(compare) as copy:
+                label = "+".join(Path(p).stem for p in compare)
+                return [hook.run(kind, folder, quick, trees={"working tree": None, label: copy}) for kind in ("sqlite", "postgresql")]
         return [hook.run(kind, folder, quick) for kind in ("sqlite", "postgresql")]
     if name == "profile":
         import profile_session
@@ -142,15 +139,16 @@ def markdown(r: dict) -> str:
         out += [
             "**1. Hook overhead** (one gunicorn, 2 workers x 4 threads; wrk " + r["hook"][0]["wrk"] + "; median requests/s)",
             "",
-            "| Database | /healthz | /api/session | ratio | target | failed |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| Database | code | /healthz | /api/session | ratio | target | failed |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         for h in r["hook"]:
-            met = "met" if h["ratio"] >= 0.85 else "missed"
-            out.append(
-                f"| {h['database']} | {fmt(h['healthz_rps_median'])} | {fmt(h['session_rps_median'])} | "
-                f"**{h['ratio']:.2f}** | >= 0.85 ({met}) | {h['failed_requests']} |"
-            )
+            for v in h["variants"]:
+                met = "met" if v["ratio"] >= 0.85 else "missed"
+                out.append(
+                    f"| {h['database']} | {v['tree']} | {fmt(v['healthz_rps_median'])} | {fmt(v['session_rps_median'])} | "
+                    f"**{v['ratio']:.2f}** | >= 0.85 ({met}) | {v['failed_requests']} |"
+                )
         out.append("")
     if "profile" in r:
         out += [
