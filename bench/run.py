@@ -139,15 +139,18 @@ def markdown(r: dict) -> str:
         out += [
             "**1. Hook overhead** (one gunicorn, 2 workers x 4 threads; wrk " + r["hook"][0]["wrk"] + "; median requests/s)",
             "",
-            "| Database | code | /healthz | /api/session | ratio | target | failed |",
+            "| Database | code | /healthz median (best) | /api/session median (best) | ratio of medians (of bests) | target | failed |",
             "|---|---|---:|---:|---:|---:|---:|",
         ]
         for h in r["hook"]:
             for v in h["variants"]:
                 met = "met" if v["ratio"] >= 0.85 else "missed"
+                # Best of the rounds: the round least disturbed by other work on a shared machine.
+                best_h, best_s = max(v["healthz_rps"]), max(v["session_rps"])
                 out.append(
-                    f"| {h['database']} | {v['tree']} | {fmt(v['healthz_rps_median'])} | {fmt(v['session_rps_median'])} | "
-                    f"**{v['ratio']:.2f}** | >= 0.85 ({met}) | {v['failed_requests']} |"
+                    f"| {h['database']} | {v['tree']} | {fmt(v['healthz_rps_median'])} ({fmt(best_h)}) | "
+                    f"{fmt(v['session_rps_median'])} ({fmt(best_s)}) | **{v['ratio']:.2f}** ({best_s / best_h:.2f}) | "
+                    f">= 0.85 ({met}) | {v['failed_requests']} |"
                 )
         out.append("")
     if "profile" in r:
