@@ -1,6 +1,6 @@
 """Run the benchmarks and print the README's Performance tables.
 
-    .venv/bin/python bench/run.py            # the full run (about 10 minutes on 2 cores)
+    .venv/bin/python bench/run.py            # the full run (about 15 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick    # short runs, for trying changes
     .venv/bin/python bench/run.py --only hook,profile
     .venv/bin/python bench/run.py --patch bench/patches/1-one-query-per-request.diff --only hook,profile
