@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from flask import Response, current_app, request
 from itsdangerous import BadSignature, Signer
 from sqlalchemy import delete, select, update
+from sqlalchemy.orm import contains_eager
 
 from models import User, UserSession, db, utcnow
 
@@ -46,13 +47,15 @@ def load() -> UserSession | None:
         session_id = _signer().unsign(value).decode()
     except (BadSignature, UnicodeDecodeError):
         return None
+    # contains_eager fills session.user from the join: without it the hook lazy-loads the person
+    # with a second query, because the identity map holds only weak references to row[1].
     query = (
-        select(UserSession, User)
-        .join(User, UserSession.user_id == User.id)
+        select(UserSession)
+        .join(UserSession.user)
+        .options(contains_eager(UserSession.user))
         .where(UserSession.id_hash == hash_id(session_id), UserSession.expires_at > utcnow())
     )
-    row = db.session.execute(query).first()
-    return row[0] if row else None
+    return db.session.execute(query).scalars().first()
 
 
 def touch(session: UserSession) -> None:

@@ -128,7 +128,9 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
 
     token, expires_at = (user.access_token, user.access_expires_at) if kind == "access" else (user.viewer_token, user.viewer_expires_at)
     if not is_stale(expires_at, token) and token != rejected:
-        # Another request refreshed while we waited for the lock: use its result.
+        # Another request refreshed while we waited for the lock: use its result. Release the lock
+        # before counting ourselves, so the waiters behind us do not queue for our bookkeeping.
+        db.session.commit()
         _count_waiter(user_id)
         db.session.commit()
         _log(user_id, kind, "used_fresh", started, locked, waited=True, trigger=trigger)
