@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py            # the full run (about 15 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick    # short runs, for trying changes
     .venv/bin/python bench/run.py --only hook,profile
-    .venv/bin/python bench/run.py --patch bench/patches/1-one-query-per-request.diff --only hook,profile
+    .venv/bin/python bench/run.py --patch bench/patches/waiters-wait-side-by-side.diff --only expiry
 
 Needs PostgreSQL at postgresql://postgres@127.0.0.1:5432/postgres (BENCH_POSTGRES_ADMIN) to create
 and drop its own databases, wrk (Debian package) and pyinstrument (requirements-dev.txt). Raw
