@@ -1,7 +1,9 @@
 """Fixtures: an app on a fresh database (SQLite and PostgreSQL), its client, and sign-in helpers."""
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,20 +27,29 @@ def pg_available() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def pg_database():
-    """Create one PostgreSQL database for this test run and drop it afterwards."""
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[str]:
+    """Create a PostgreSQL database of its own and drop it afterwards; skip (fail in CI) without a server."""
     if not pg_available():
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN}, and CI must test on it")
         pytest.skip("PostgreSQL is not reachable")
-    name = f"signin_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield f"{base}/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """One PostgreSQL database for this test run."""
+    with fresh_postgres_database("signin_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

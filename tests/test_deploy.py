@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,7 +19,7 @@ import requests
 from cryptography.fernet import Fernet
 from werkzeug.serving import make_server
 
-from conftest import PG_ADMIN, pg_available
+from conftest import fresh_postgres_database
 from servers import BIN, ROOT, TEST_KEY, free_port, http_sign_in
 from standin import wsgi
 
@@ -211,10 +210,8 @@ def test_wait_for_db_gives_up_with_a_message_without_the_password():
     assert "is not reachable" in done.stderr and "hunter2-secret" not in done.stderr
 
 
-def test_wait_for_db_returns_once_postgresql_answers(tmp_path):
-    if not pg_available():
-        pytest.skip("PostgreSQL is not reachable")
-    assert run_wait_for_db(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://"), "5").returncode == 0
+def test_wait_for_db_returns_once_postgresql_answers(tmp_path, fresh_pg_url):
+    assert run_wait_for_db(fresh_pg_url, "5").returncode == 0
     assert run_wait_for_db(f"sqlite:///{tmp_path / 'x.sqlite'}", "5").returncode == 0
 
 
@@ -286,16 +283,8 @@ def image_venv(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fresh_pg_url():
-    if not pg_available():
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN}, and CI must test on it")
-        pytest.skip("PostgreSQL is not reachable")
-    name = f"signin_image_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{PG_ADMIN.rsplit('/', 1)[0].replace('postgresql://', 'postgresql+psycopg://')}/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("signin_image") as url:
+        yield url
 
 
 def container_env(venv_bin: Path, tmp_path: Path, port: int, **extra: str) -> dict:
