@@ -90,10 +90,9 @@ def test_gunicorn_workers_refresh_once_per_expiry(instance):
     assert store.count("refresh_rejected") == 0
 
 
-def test_two_instances_share_one_refresh_per_expiry(instance, database_url):
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # instances on several machines share PostgreSQL
+def test_two_instances_share_one_refresh_per_expiry(instance):
     """Two gunicorn instances on two ports share one database, like machines behind a balancer."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("several instances share PostgreSQL, not a SQLite file")
     first = instance(workers=2)
     second = instance()
     store = instance.store
