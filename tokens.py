@@ -22,6 +22,7 @@ from flask import current_app
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+import sessions
 from models import RefreshEvent, User, UserSession, db, utcnow
 from provider import InvalidGrant, ProviderError, TokenResponse
 
@@ -150,11 +151,12 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         # The refresh token was not consumed, or we cannot know: keep it and let a later request retry.
         db.session.rollback()
         _record(user_id, kind, "unavailable", trigger, started)
+        db.session.commit()
         _log(user_id, kind, "unavailable", started, locked, waited=locked - started > 0.05, trigger=trigger, reason=str(exc))
         raise RefreshUnavailable(str(exc)) from None
 
     _store_refresh(user, kind, tokens, scope)
-    db.session.add(RefreshEvent(user_id=user_id, kind=kind, outcome="refreshed", trigger=trigger[:255], duration_ms=_ms(started)))
+    _record(user_id, kind, "refreshed", trigger, started)
     db.session.commit()
     _log(user_id, kind, "refreshed", started, locked, waited=locked - started > 0.05, trigger=trigger)
     return user
@@ -202,15 +204,15 @@ def _store_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | No
 def _forget(user: User, kind: str, trigger: str, started: float) -> None:
     """Clear a dead grant: the person's tokens and every session that relied on them."""
     user.clear_tokens()
-    db.session.execute(UserSession.__table__.delete().where(UserSession.user_id == user.id))
-    db.session.add(RefreshEvent(user_id=user.id, kind=kind, outcome="invalid_grant", trigger=trigger[:255], duration_ms=_ms(started)))
+    sessions.end_all(user.id)
+    _record(user.id, kind, "invalid_grant", trigger, started)
     db.session.commit()
     _log(user.id, kind, "invalid_grant", started, started, waited=False, trigger=trigger)
 
 
 def _record(user_id: int, kind: str, outcome: str, trigger: str, started: float) -> None:
+    """Add the refresh event to the current transaction; the caller commits."""
     db.session.add(RefreshEvent(user_id=user_id, kind=kind, outcome=outcome, trigger=trigger[:255], duration_ms=_ms(started)))
-    db.session.commit()
 
 
 def _count_waiter(user_id: int) -> None:

@@ -136,24 +136,10 @@ def create_app(settings: Mapping) -> Flask:
         token = request.form.get("token", "")
         access = store.access_token(token)
         if access:
-            return jsonify(
-                active=True,
-                token_type="access_token",
-                scope=access["scope"],
-                client_id=access["client_id"],
-                exp=int(access["expires_at"]),
-                userid=access["sub"],
-            )
+            return _active(access, "access_token")
         refresh = store.refresh_token(token)
         if refresh and refresh["status"] == "active" and refresh["expires_at"] > time.time():
-            return jsonify(
-                active=True,
-                token_type="refresh_token",
-                scope=refresh["scope"],
-                client_id=refresh["client_id"],
-                exp=int(refresh["expires_at"]),
-                userid=refresh["sub"],
-            )
+            return _active(refresh, "refresh_token")
         return jsonify(active=False)
 
     @app.get("/authentication/v2/logout")
@@ -173,6 +159,11 @@ def create_app(settings: Mapping) -> Flask:
         return jsonify(sub=person["sub"], name=person["name"], preferred_username=person["name"], email=person["email"], email_verified=True)
 
     return app
+
+
+def _active(row: Mapping, token_type: str) -> Response:
+    """Describe a live token as APS's introspection endpoint does."""
+    return jsonify(active=True, token_type=token_type, scope=row["scope"], client_id=row["client_id"], exp=int(row["expires_at"]), userid=row["sub"])
 
 
 def _check_client_and_redirect(cfg: Mapping, params: Mapping) -> None:
