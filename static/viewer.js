@@ -13,21 +13,9 @@
 
   function $(id) { return document.getElementById(id); }
 
-  function set(id, text) {
-    var el = $(id);
-    if (el && el.textContent !== text) el.textContent = text;
-  }
-
-  function duration(seconds) {
-    var s = Math.max(0, Math.floor(seconds));
-    if (s < 60) return s + " s";
-    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
-    return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
-  }
-
-  function clock(ms) {
-    return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
-  }
+  var set = window.PageFormat.set;
+  var duration = window.PageFormat.duration;
+  var clock = window.PageFormat.clock;
 
   // Never show a whole token on screen: the first characters tell renewals apart.
   function truncate(token) { return token.slice(0, 8) + "…"; }

@@ -191,7 +191,7 @@ def test_viewer_page_with_the_standin_uses_its_own_script_only(client):
     reply = client.get("/viewer")
     html = reply.get_data(as_text=True)
     assert 'data-url="/api/viewer-token"' in html and 'data-leeway="60"' in html
-    assert re.findall(r"<script[^>]*>", html) == ['<script src="/static/viewer.js" defer>']
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="/static/format.js" defer>', '<script src="/static/viewer.js" defer>']
     assert "autodesk.com" not in reply.headers["Content-Security-Policy"]
 
 
