@@ -37,6 +37,8 @@ def profile():
             user = tokens.ensure_fresh_access_token(user, trigger=request.path, rejected=user.access_token)
             return jsonify(provider.userinfo(user.access_token))
     except InvalidGrant:
+        # Even a fresh token is refused: the grant is no use to us any more, so forget it for every session.
+        tokens.revoke(tokens.end_grant(user.id, "refused", trigger=request.path))
         raise tokens.SignInRequired("the provider rejects fresh access tokens") from None
     except ProviderError as exc:
         raise tokens.RefreshUnavailable(str(exc)) from None

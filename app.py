@@ -59,6 +59,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.before_request(load_person)
     app.after_request(security_headers)
+    app.after_request(sessions.slide_cookie)
     app.register_error_handler(tokens.SignInRequired, sign_in_required)
     app.register_error_handler(tokens.RefreshUnavailable, provider_unavailable)
     app.register_error_handler(HTTPException, http_error)
@@ -70,15 +71,23 @@ def create_app(test_config: dict | None = None) -> Flask:
 
 def load_person() -> Response | None:
     """Resolve the session cookie to a person and make sure their access token is fresh."""
-    g.session = g.user = None
+    g.session = g.user = g.session_id_hash = None
     if request.endpoint in ("static", "api.healthz"):
         return None
     session = sessions.load()
     if session is not None:
+        g.session_id_hash = session.id_hash
+        if not sessions.is_live(session):
+            # The grant behind it died: a page goes through the provider again, silently if it can.
+            if request.method == "GET" and request.blueprint == "pages" and current_app.config["SILENT_SIGN_IN"]:
+                g.drop_session_cookie = True
+                return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=1))
+            session = None
+    if session is not None:
         g.session, g.user = session, session.user
         sessions.touch(session)
-    elif request.cookies.get(sessions.cookie_name()):
-        g.drop_session_cookie = True  # tampered, unknown or expired: simply signed out
+    elif request.cookies.get(sessions.cookie_name()) and g.session_id_hash is None:
+        g.drop_session_cookie = True  # tampered or unknown: simply signed out
     csrf.protect()
     if g.user is not None and request.endpoint not in ("auth.logout", "auth.logout_everywhere", "auth.callback"):
         g.user = tokens.ensure_fresh_access_token(g.user, trigger=f"{request.method} {request.path}")
@@ -107,11 +116,18 @@ def security_headers(response: Response) -> Response:
 
 
 def sign_in_required(exc: tokens.SignInRequired) -> Response:
-    """Send a person whose grant died back through sign-in, then to the same page."""
-    g.drop_session_cookie = True
+    """Send a person whose grant died back through sign-in (silently when the provider can), then to the same page."""
+    db.session.rollback()
+    if g.get("session") is not None:
+        # No live orphan: a session left live would count as "still signed in here" at a later sign-out.
+        sessions.expire(g.session_id_hash)
+        db.session.commit()
     if _wants_json():
+        # The cookie stays: the next page this browser opens resumes the sign-in silently.
         return jsonify(error="sign_in_required", message="Your sign-in has ended; please sign in again."), 401
-    return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?"))))
+    g.drop_session_cookie = True
+    silent = 1 if request.method == "GET" and current_app.config["SILENT_SIGN_IN"] else None
+    return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=silent))
 
 
 def provider_unavailable(exc: tokens.RefreshUnavailable) -> tuple[Response | str, int]:
@@ -146,10 +162,13 @@ def _init_database(app: Flask) -> None:
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if urlsplit(uri).scheme not in ("sqlite", "postgresql", "postgresql+psycopg"):
         raise config.ConfigError("DATABASE_URL must be a sqlite:/// or postgresql+psycopg:// URL.")
+    # Test a pooled connection before use: after a database restart, a stale one would be a 500.
+    options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
+    options.setdefault("pool_pre_ping", True)
     if uri.startswith("sqlite"):
-        # A request waiting for another's refresh waits on the write lock, up to a few provider round trips.
-        wait = app.config["PROVIDER_TIMEOUT"] * 3
-        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": wait}})
+        # A request waiting for another's refresh waits on the write lock, as long as a refresh may take.
+        wait = app.config["PROVIDER_REFRESH_TIMEOUT"] + 2 * app.config["PROVIDER_TIMEOUT"]
+        options.setdefault("connect_args", {"timeout": wait})
         os.makedirs(app.instance_path, exist_ok=True)
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
@@ -192,7 +211,9 @@ def _init_provider(app: Flask) -> None:
         endpoints = aps_endpoints(issuer, cfg["OAUTH_USERINFO_URL"])
     else:
         endpoints = discover(issuer, http, cfg["PROVIDER_TIMEOUT"], cfg["OAUTH_USERINFO_URL"])
-    app.extensions["provider"] = Provider(endpoints, cfg["OAUTH_CLIENT_ID"], cfg["OAUTH_CLIENT_SECRET"], cfg["PROVIDER_TIMEOUT"], http)
+    app.extensions["provider"] = Provider(
+        endpoints, cfg["OAUTH_CLIENT_ID"], cfg["OAUTH_CLIENT_SECRET"], cfg["PROVIDER_TIMEOUT"], http, refresh_timeout=cfg["PROVIDER_REFRESH_TIMEOUT"]
+    )
 
 
 def _trust_proxies(app: Flask) -> None:

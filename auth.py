@@ -11,13 +11,17 @@ from itsdangerous import BadData, URLSafeTimedSerializer
 import sessions
 import tokens
 from models import db
-from provider import InvalidGrant, ProviderError, ProviderRejected, ProviderUnavailable
+from provider import InvalidGrant, ProviderRejected, ProviderUnavailable
 from redirects import safe_next
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
 # The pre-sign-in state lives in a signed cookie bound to this browser, for at most 10 minutes.
 FLOW_MAX_AGE = 600
+# A browser may try one silent sign-in (prompt=none) a minute: a grant that dies at once cannot loop.
+SILENT_RETRY_AFTER = 60
+# What a provider answers to prompt=none when the person must see its pages (OIDC Core §3.1.2.6).
+INTERACTION_ERRORS = {"login_required", "interaction_required", "consent_required", "account_selection_required"}
 
 
 @bp.get("/login")
@@ -25,12 +29,19 @@ def login() -> Response:
     """Send the browser to the provider's authorize endpoint."""
     provider = current_app.extensions["provider"]
     verifier = secrets.token_urlsafe(64)
-    flow = {"state": secrets.token_urlsafe(32), "verifier": verifier, "next": safe_next(request.args.get("next"))}
+    # Only our own redirects after a dead grant ask for silence; a person who clicks "Sign in" sees the form.
+    silent = request.args.get("silent") == "1" and current_app.config["SILENT_SIGN_IN"] and not request.cookies.get(_silent_cookie())
+    flow = {"state": secrets.token_urlsafe(32), "verifier": verifier, "next": safe_next(request.args.get("next")), "silent": silent}
     scope = current_app.config["OAUTH_SCOPES"]
     # APS requires a nonce with openid; identity comes from userinfo, so it is not checked later.
     nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
-    url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce)
+    url = provider.authorize_url(
+        redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt="none" if silent else None
+    )
     response = redirect(url)
+    if silent:
+        secure = current_app.config["SESSION_COOKIE_SECURE"]
+        response.set_cookie(_silent_cookie(), "1", max_age=SILENT_RETRY_AFTER, secure=secure, httponly=True, samesite="Lax", path="/")
     response.set_cookie(
         _flow_cookie(),
         _flow_serializer().dumps(flow),
@@ -51,6 +62,9 @@ def callback() -> Response:
     state_matches = flow is not None and _same(args.get("state", ""), flow["state"])
     if state_matches or (flow is None and request.cookies.get(_flow_cookie())):
         g.clear_flow_cookie = True  # this browser's sign-in is used up (or unreadable), whatever happens next
+    if "error" in args and state_matches and flow.get("silent") and args["error"] in INTERACTION_ERRORS:
+        # The silent attempt found no live session at the provider: now the person signs in there.
+        return _failed(200, "Please sign in again", SILENT_FAILED, retry=url_for("auth.login", next=flow["next"]))
     if "error" in args:
         return _failed(400, "The provider did not sign you in.", _provider_error_text(args["error"]))
     if flow is None:
@@ -78,8 +92,8 @@ def callback() -> Response:
     if not subject:
         return _failed(400, "The provider did not say who you are.", "Please start again.")
 
-    if g.get("session") is not None:
-        sessions.end(g.session.id_hash)  # a new id at every sign-in: no session fixation
+    if g.get("session_id_hash"):
+        sessions.end(g.session_id_hash)  # a new id at every sign-in (no session fixation), live or ended
     user = tokens.save_sign_in(subject, str(info.get("name") or ""), str(info.get("email") or ""), grant)
     cookie = sessions.start(user)
     db.session.commit()
@@ -103,14 +117,14 @@ def _prefetch_viewer_token(user) -> None:
 
 @bp.post("/logout")
 def logout() -> Response:
-    """End this browser's session; revoke the refresh token when it was the person's last."""
-    return _end_sessions(lambda session: session.id_hash == g.session.id_hash)
+    """End this browser's session; revoke the tokens when it was the person's last."""
+    return _end_sessions({g.session_id_hash} if g.get("session") is not None else set())
 
 
 @bp.post("/logout-everywhere")
 def logout_everywhere() -> Response:
-    """End all of the person's sessions and revoke their refresh token."""
-    return _end_sessions(lambda session: True)
+    """End all of the person's sessions and revoke their tokens."""
+    return _end_sessions(None)
 
 
 @bp.post("/sessions/end")
@@ -119,23 +133,18 @@ def end_device() -> Response:
     target = request.form.get("session", "")
     if g.get("session") is not None and target not in {s.id_hash for s in g.user.sessions}:
         abort(404, "No such session of yours.")
-    return _end_sessions(lambda session: session.id_hash == target, next_path=safe_next(request.form.get("next")))
+    return _end_sessions({target}, next_path=safe_next(request.form.get("next")))
 
 
-def _end_sessions(chosen, next_path: str = "/") -> Response:
-    """End the chosen sessions of the person; once none is left, forget and revoke the refresh token."""
+def _end_sessions(chosen: set[str] | None, next_path: str = "/") -> Response:
+    """End the chosen sessions of the person (all for None); with the last one, forget and revoke the tokens."""
     if g.get("session") is None:
         response = redirect(url_for("pages.home"))
         sessions.clear_cookie(response)
         return response
-    user_id = g.session.user_id
-    ended = [session.id_hash for session in g.user.sessions if chosen(session)]
-    for id_hash in ended:
-        sessions.end(id_hash)
-    db.session.commit()
-    if sessions.remaining(user_id) == 0:
-        _revoke(tokens.forget_grant(user_id))
-    this_ended = g.session.id_hash in ended
+    this_ended = chosen is None or g.session_id_hash in chosen
+    # The local state goes first and for good; the provider is told afterwards, best effort.
+    tokens.revoke(tokens.end_sessions(g.session.user_id, chosen))
     response = redirect(url_for("pages.home") if this_ended else next_path)
     if this_ended:
         sessions.clear_cookie(response)
@@ -146,14 +155,8 @@ def redirect_uri() -> str:
     return current_app.config["OAUTH_REDIRECT_URI"] or url_for("auth.callback", _external=True)
 
 
-def _revoke(refresh_token: str | None) -> None:
-    """Commit the forgotten grant, then tell the provider (best effort: we no longer hold it anyway)."""
-    db.session.commit()
-    if refresh_token:
-        try:
-            current_app.extensions["provider"].revoke(refresh_token)
-        except ProviderError:
-            current_app.logger.warning("could not revoke a refresh token at the provider")
+def _silent_cookie() -> str:
+    return "__Host-silent-signin" if current_app.config["SESSION_COOKIE_SECURE"] else "silent-signin"
 
 
 def _challenge(verifier: str) -> str:
@@ -203,8 +206,13 @@ def _provider_error_text(error: str) -> str:
     return f"{reason} Please try again."
 
 
-def _failed(status: int, title: str, detail: str) -> tuple[str, int]:
-    return render_template("error.html", title=title, detail=detail, retry=url_for("auth.login")), status
+SILENT_FAILED = (
+    "Your sign-in here had ended (after a long time away, a sign-out at the provider, or a lost connection), and the provider needs you to sign in there again."
+)
+
+
+def _failed(status: int, title: str, detail: str, retry: str | None = None) -> tuple[str, int]:
+    return render_template("error.html", title=title, detail=detail, retry=retry or url_for("auth.login")), status
 
 
 def clear_flow_cookie(response: Response) -> Response:

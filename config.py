@@ -78,6 +78,12 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         "OAUTH_BACKCHANNEL_URL": backchannel_url.rstrip("/") if backchannel_url else None,
         "TOKEN_REFRESH_LEEWAY": _int(environ, "TOKEN_REFRESH_LEEWAY", 60),
         "PROVIDER_TIMEOUT": _int(environ, "PROVIDER_TIMEOUT", 10),
+        # A refresh whose reply times out may have rotated the token: wait longer for it than for other calls.
+        "PROVIDER_REFRESH_TIMEOUT": _int(environ, "PROVIDER_REFRESH_TIMEOUT", 30),
+        # Seconds to keep retrying the commit of a rotated refresh token before it counts as lost.
+        "ROTATION_STORE_RETRY": _int(environ, "ROTATION_STORE_RETRY", 10),
+        # When a grant has died, try the provider's authorize with prompt=none once before showing a sign-in form.
+        "SILENT_SIGN_IN": _bool(environ, "SILENT_SIGN_IN", True),
         "SESSION_COOKIE_SECURE": _bool(environ, "SESSION_COOKIE_SECURE", True),
         # Reverse proxies in front of the app whose X-Forwarded-For/-Proto/-Host are believed; 0 believes none.
         "TRUSTED_PROXY_COUNT": _int(environ, "TRUSTED_PROXY_COUNT", 0),

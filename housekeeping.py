@@ -8,6 +8,7 @@ from flask.cli import with_appcontext
 from sqlalchemy import and_, delete, exists, func, select
 
 from models import RefreshEvent, User, UserSession, db, utcnow
+from sessions import RESUME_GRACE
 
 # A person who comes back within this many days after their grant ended finds their history still there.
 DEFAULT_GRACE_DAYS = 30
@@ -22,8 +23,9 @@ class Purged:
 
 
 def purge_expired(now: datetime, grace: timedelta) -> Purged:
-    """Delete expired sessions, then people without a live session whose grant ended before now - grace."""
-    sessions = db.session.execute(delete(UserSession).where(UserSession.expires_at <= now)).rowcount
+    """Delete sessions ended longer ago than RESUME_GRACE, then people without a live session whose grant ended before now - grace."""
+    # Ended sessions stay a while, so their browsers can resume silently after a dead grant (sessions.RESUME_GRACE).
+    sessions = db.session.execute(delete(UserSession).where(UserSession.expires_at <= now - RESUME_GRACE)).rowcount
     db.session.commit()
     cutoff = now - grace
     # A dead or revoked grant clears refresh_expires_at, so then the last sign-in dates the person.

@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 from flask import current_app
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -80,6 +80,8 @@ class User(db.Model):
     viewer_token: Mapped[str | None] = mapped_column(EncryptedText)
     viewer_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     viewer_scope: Mapped[str | None] = mapped_column(String(255))
+    # A refresh was sent but its reply never came: the provider may have rotated the stored token.
+    refresh_unsure: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     sessions: Mapped[list["UserSession"]] = relationship(back_populates="user", cascade="all, delete-orphan", passive_deletes=True)
 
@@ -87,6 +89,7 @@ class User(db.Model):
         """Forget every token of this person (the refresh token is dead or revoked)."""
         self.refresh_token = self.access_token = self.viewer_token = None
         self.refresh_expires_at = self.access_expires_at = self.viewer_expires_at = None
+        self.refresh_unsure = False
 
 
 class UserSession(db.Model):
@@ -100,6 +103,8 @@ class UserSession(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # The expiry this browser's cookie was last given, so the cookie can follow expires_at.
+    cookie_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     user: Mapped[User] = relationship(back_populates="sessions")
 
@@ -113,7 +118,7 @@ class RefreshEvent(db.Model):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     kind: Mapped[str] = mapped_column(String(16))  # "access" or "viewer"
-    outcome: Mapped[str] = mapped_column(String(32))  # refreshed, invalid_grant, unavailable
+    outcome: Mapped[str] = mapped_column(String(32))  # refreshed, invalid_grant, lost_rotation, unavailable
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
     trigger: Mapped[str] = mapped_column(String(255), default="")
     # Requests that waited on this refresh's lock and then used its result instead of refreshing.

@@ -5,6 +5,7 @@ from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError
 
 from config import APS_HOST, ConfigError
 
@@ -14,7 +15,15 @@ class ProviderError(Exception):
 
 
 class ProviderUnavailable(ProviderError):
-    """The provider is unreachable, slow or failing (5xx, timeout, garbled reply): try again later."""
+    """The provider is unreachable, slow or failing (5xx, timeout, garbled reply): try again later.
+
+    delivered: the request may have reached the provider and been acted on (the reply was lost
+    or unreadable), so a refresh may have rotated the token we still hold.
+    """
+
+    def __init__(self, message: str, *, delivered: bool = False):
+        super().__init__(message)
+        self.delivered = delivered
 
 
 class InvalidGrant(ProviderError):
@@ -87,14 +96,19 @@ def discover(issuer: str, http: requests.Session, timeout: float, userinfo: str 
 class Provider:
     """An OAuth 2.0 confidential client of one authorization server."""
 
-    def __init__(self, endpoints: Endpoints, client_id: str, client_secret: str | None, timeout: float, http: requests.Session):
+    def __init__(
+        self, endpoints: Endpoints, client_id: str, client_secret: str | None, timeout: float, http: requests.Session, refresh_timeout: float | None = None
+    ):
         self.endpoints = endpoints
         self.client_id = client_id
         self.client_secret = client_secret
         self.timeout = timeout
+        # Connect as quickly as any call, but give a refresh longer to answer: a reply lost to a
+        # short read timeout after the provider rotated is a sign-in lost.
+        self.refresh_timeout = (timeout, max(timeout, refresh_timeout or timeout))
         self.http = http
 
-    def authorize_url(self, *, redirect_uri: str, scope: str, state: str, code_challenge: str, nonce: str | None = None) -> str:
+    def authorize_url(self, *, redirect_uri: str, scope: str, state: str, code_challenge: str, nonce: str | None = None, prompt: str | None = None) -> str:
         params = {
             "client_id": self.client_id,
             "response_type": "code",
@@ -106,6 +120,8 @@ class Provider:
         }
         if nonce:
             params["nonce"] = nonce
+        if prompt:
+            params["prompt"] = prompt
         return f"{self.endpoints.authorize}?{urlencode(params)}"
 
     def exchange_code(self, code: str, redirect_uri: str, code_verifier: str) -> TokenResponse:
@@ -115,7 +131,7 @@ class Provider:
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         if scope:
             form["scope"] = scope
-        return self._token(form)
+        return self._token(form, timeout=self.refresh_timeout)
 
     def userinfo(self, access_token: str) -> dict:
         reply = self._send("GET", self.endpoints.userinfo, headers={"Authorization": f"Bearer {access_token}"})
@@ -137,8 +153,8 @@ class Provider:
         # APS v2 wants client credentials in the Basic header, never also in the body.
         return (self.client_id, self.client_secret or "")
 
-    def _token(self, form: dict) -> TokenResponse:
-        body = self._json(self._send("POST", self.endpoints.token, data=form, auth=self._auth()))
+    def _token(self, form: dict, timeout: float | tuple[float, float] | None = None) -> TokenResponse:
+        body = self._json(self._send("POST", self.endpoints.token, data=form, auth=self._auth(), timeout=timeout or self.timeout))
         try:
             return TokenResponse(
                 access_token=str(body["access_token"]),
@@ -147,14 +163,13 @@ class Provider:
                 scope=body.get("scope"),
             )
         except (KeyError, TypeError, ValueError):
-            raise ProviderUnavailable("token response without a usable access_token") from None
+            raise ProviderUnavailable("token response without a usable access_token", delivered=True) from None
 
-    def _send(self, method: str, url: str, **kwargs) -> requests.Response:
+    def _send(self, method: str, url: str, timeout: float | tuple[float, float] | None = None, **kwargs) -> requests.Response:
         try:
-            reply = self.http.request(method, url, timeout=self.timeout, **kwargs)
+            reply = self.http.request(method, url, timeout=timeout or self.timeout, **kwargs)
         except requests.RequestException as exc:
-            # A lost reply is indistinguishable from a refused one: the caller keeps what it has.
-            raise ProviderUnavailable(f"{type(exc).__name__} talking to the provider") from None
+            raise ProviderUnavailable(f"{type(exc).__name__} talking to the provider", delivered=_maybe_delivered(exc)) from None
         if reply.status_code >= 500 or reply.status_code == 429:
             raise ProviderUnavailable(f"provider answered {reply.status_code}")
         return reply
@@ -163,15 +178,23 @@ class Provider:
         try:
             body = reply.json()
         except ValueError:
-            raise ProviderUnavailable(f"provider answered {reply.status_code} without JSON") from None
+            raise ProviderUnavailable(f"provider answered {reply.status_code} without JSON", delivered=reply.ok) from None
         if not isinstance(body, dict):
-            raise ProviderUnavailable("provider answered JSON that is not an object")
+            raise ProviderUnavailable("provider answered JSON that is not an object", delivered=reply.ok)
         if reply.status_code >= 400:
             error = str(body.get("error", "")) or f"http_{reply.status_code}"
             if error == "invalid_grant":
                 raise InvalidGrant(str(body.get("error_description", "")))
             raise ProviderRejected(error, str(body.get("error_description", "")))
         return body
+
+
+def _maybe_delivered(exc: requests.RequestException) -> bool:
+    """Tell whether a failed call may have reached the provider: only a connection never made surely did not."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return False
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return not isinstance(reason, NewConnectionError)
 
 
 class BackChannel(HTTPAdapter):

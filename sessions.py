@@ -4,15 +4,21 @@ import hashlib
 import secrets
 from datetime import datetime, timedelta
 
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
 from itsdangerous import BadSignature, Signer
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import contains_eager
 
 from models import User, UserSession, db, utcnow
 
 # Write last-seen at most this often, so ordinary requests do not write.
 TOUCH_INTERVAL = timedelta(minutes=1)
+# Re-issue the cookie once the session's expiry has moved this far past what the browser was told.
+SLIDE_AFTER = timedelta(days=1)
+# The cookie outlives its session by this much, and ended rows are kept as long (housekeeping.py), so a
+# browser whose grant died, even of 15 days' idleness, can be signed in again silently (auth.py).
+RESUME_GRACE = timedelta(days=30)
 MAX_COOKIE_LENGTH = 256
 
 
@@ -34,12 +40,12 @@ def start(user: User) -> str:
     session_id = secrets.token_urlsafe(32)
     expires_at = user.refresh_expires_at or utcnow() + timedelta(days=1)
     agent = request.headers.get("User-Agent", "")[:255]
-    db.session.add(UserSession(id_hash=hash_id(session_id), user=user, user_agent=agent, expires_at=expires_at))
+    db.session.add(UserSession(id_hash=hash_id(session_id), user=user, user_agent=agent, expires_at=expires_at, cookie_expires_at=expires_at))
     return _signer().sign(session_id).decode()
 
 
 def load() -> UserSession | None:
-    """Return this browser's live session with its person, or None for a missing, bad or expired cookie."""
+    """Return this browser's session row with its person, live or ended, or None for a missing or bad cookie."""
     value = request.cookies.get(cookie_name())
     if not value or len(value) > MAX_COOKIE_LENGTH:
         return None
@@ -49,12 +55,7 @@ def load() -> UserSession | None:
         return None
     # contains_eager fills session.user from the join: without it the hook lazy-loads the person
     # with a second query, because the identity map holds only weak references to row[1].
-    query = (
-        select(UserSession)
-        .join(UserSession.user)
-        .options(contains_eager(UserSession.user))
-        .where(UserSession.id_hash == hash_id(session_id), UserSession.expires_at > utcnow())
-    )
+    query = select(UserSession).join(UserSession.user).options(contains_eager(UserSession.user)).where(UserSession.id_hash == hash_id(session_id))
     return db.session.execute(query).scalars().first()
 
 
@@ -66,12 +67,44 @@ def touch(session: UserSession) -> None:
         db.session.commit()
 
 
+def slide_cookie(response: Response) -> Response:
+    """Re-issue this browser's cookie when its session now lives well past what the cookie says.
+
+    Rotations move the session's expiry forward; a cookie that kept its first Expires would
+    sign a daily user out on day 15 while the server still holds a live grant.
+    """
+    session = g.get("session")
+    if session is None or g.get("session_cookie_written") or g.get("drop_session_cookie"):
+        return response
+    try:
+        expires_at, told = session.expires_at, session.cookie_expires_at
+        if told is not None and expires_at - told < SLIDE_AFTER:
+            return response
+        db.session.execute(update(UserSession).where(UserSession.id_hash == session.id_hash).values(cookie_expires_at=expires_at))
+        db.session.commit()
+    except SQLAlchemyError:
+        db.session.rollback()  # the session ended during this request, or the database is away: keep the cookie as it is
+        return response
+    set_cookie(response, request.cookies[cookie_name()], expires_at)
+    return response
+
+
 def end(id_hash: str) -> None:
     db.session.execute(delete(UserSession).where(UserSession.id_hash == id_hash))
 
 
-def end_all(user_id: int) -> None:
-    db.session.execute(delete(UserSession).where(UserSession.user_id == user_id))
+def expire(id_hash: str) -> None:
+    """End one session whose grant died, keeping its row so the browser can resume silently."""
+    db.session.execute(update(UserSession).where(UserSession.id_hash == id_hash, UserSession.expires_at > utcnow()).values(expires_at=utcnow()))
+
+
+def expire_all(user_id: int) -> None:
+    """End every session of the person because their grant died; the rows stay, so each browser can resume silently."""
+    db.session.execute(update(UserSession).where(UserSession.user_id == user_id).values(expires_at=utcnow()))
+
+
+def is_live(session: UserSession) -> bool:
+    return session.expires_at > utcnow()
 
 
 def remaining(user_id: int) -> int:
@@ -81,10 +114,11 @@ def remaining(user_id: int) -> int:
 
 
 def set_cookie(response: Response, value: str, expires_at: datetime) -> None:
+    g.session_cookie_written = True
     response.set_cookie(
         cookie_name(),
         value,
-        expires=expires_at,
+        expires=expires_at + RESUME_GRACE,
         secure=current_app.config["SESSION_COOKIE_SECURE"],
         httponly=True,
         samesite="Lax",
@@ -93,4 +127,5 @@ def set_cookie(response: Response, value: str, expires_at: datetime) -> None:
 
 
 def clear_cookie(response: Response) -> None:
+    g.session_cookie_written = True
     response.delete_cookie(cookie_name(), secure=current_app.config["SESSION_COOKIE_SECURE"], httponly=True, samesite="Lax", path="/")

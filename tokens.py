@@ -3,28 +3,57 @@
 The provider's refresh tokens are single-use: every refresh returns a new one and kills the
 old one, and strict providers revoke the whole grant when a used one is replayed. So a
 refresh must never run twice with the same token, whichever thread, worker or instance
-asks. The database is the one thing they all share, so the person's row is the lock:
+asks, and a rotated token must never be lost. The database is the one thing they all share,
+so the person's row is the lock:
 
 1. Take the row lock (SELECT ... FOR UPDATE on PostgreSQL; BEGIN IMMEDIATE on SQLite).
 2. Re-read the tokens under the lock: a waiter usually finds that the holder already
    refreshed them, and uses the result instead of refreshing again.
-3. Refresh at the provider (one round trip, bounded by PROVIDER_TIMEOUT) and store the
-   rotated refresh token in the same transaction, before the new access token is used.
+3. If an earlier refresh was sent but its reply never came (refresh_unsure), ask the
+   provider's introspection whether the kept token still lives before replaying it.
+4. Refresh at the provider (one round trip; the reply may take PROVIDER_REFRESH_TIMEOUT).
+5. Durable commit: store the rotated tokens at once, in a transaction of their own that
+   holds nothing a client chose, then release the lock. If that commit fails (database
+   restart, deadlock), retry it on a fresh connection for ROTATION_STORE_RETRY seconds; a
+   rotation that still cannot be stored is logged at ERROR as lost_rotation.
+6. Record the refresh event afterwards, in its own transaction, with its client-chosen
+   trigger cleaned: a refused event row must never take the tokens down with it.
+
+What each answer of the provider means:
+
+- invalid_grant: the grant is dead (15 days idle, revoked, replaced by a sign-in
+  elsewhere). Forget it and end all the person's sessions -> SignInRequired.
+- Lost reply (a timeout or dropped connection after the request was sent): the provider
+  may have rotated. Mark the token unsure and introspect it at once: no longer active
+  means the rotation is lost (lost_rotation, handled as a dead grant); active means
+  nothing happened (unavailable); no answer leaves it unsure for the next attempt.
+- Unreachable or 5xx: nothing was consumed; keep everything -> RefreshUnavailable (503).
+
+A dead grant ends the person's sessions by expiring their rows, not deleting them: a browser
+that comes back with the cookie of such a row goes through the provider with prompt=none
+first (auth.py), and sees a sign-in form only if the provider's own session is gone too. A
+deliberate sign-out deletes the rows, so nothing resumes it.
+
+Sign-in and sign-out take the same row lock. save_sign_in stores a new grant under it, so
+a refresh still in flight cannot overwrite it; end_sessions deletes sessions and decides
+"was this the last one?" in the same locked transaction that forgets the grant, so a
+sign-in on another device commits either before (and counts as remaining) or after.
 """
 
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import select, text, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import delete, select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 import sessions
 from models import RefreshEvent, User, UserSession, db, utcnow
-from provider import InvalidGrant, ProviderError, TokenResponse
+from provider import InvalidGrant, ProviderError, ProviderUnavailable, TokenResponse
 
 log = logging.getLogger("tokens")
 
@@ -70,19 +99,59 @@ def save_sign_in(subject: str, name: str, email: str, tokens: TokenResponse) -> 
     user.refresh_issued_at = user.signed_in_at = now
     user.refresh_expires_at = now + REFRESH_TOKEN_LIFETIME
     user.refresh_rotations = 0
+    user.refresh_unsure = False
     # A viewer keeps the access token it holds, but the next one comes from the new grant.
     user.viewer_token = user.viewer_expires_at = None
     return user
 
 
-def forget_grant(user_id: int) -> str | None:
-    """Clear the person's tokens under their row lock and return the refresh token to revoke."""
+def end_sessions(user_id: int, id_hashes: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """End some of the person's sessions (all when id_hashes is None); with the last one, forget the grant.
+
+    Return the tokens to revoke at the provider, as (token, token_type_hint) pairs.
+    """
     user = _lock_user(user_id)
     if user is None:
-        return None
-    refresh_token = user.refresh_token
+        db.session.rollback()
+        return []
+    ended = delete(UserSession).where(UserSession.user_id == user_id)
+    if id_hashes is not None:
+        ended = ended.where(UserSession.id_hash.in_(list(id_hashes)))
+    db.session.execute(ended)
+    revocable = _forget_tokens(user) if sessions.remaining(user_id) == 0 else []
+    db.session.commit()
+    return revocable
+
+
+def end_grant(user_id: int, outcome: str, trigger: str) -> list[tuple[str, str]]:
+    """Forget a grant the provider no longer honours and end every session that relied on it."""
+    started = time.monotonic()
+    user = _lock_user(user_id)
+    if user is None:
+        db.session.rollback()
+        return []
+    revocable = _forget_tokens(user)
+    sessions.expire_all(user_id)
+    db.session.commit()
+    _finish(user_id, "access", outcome, trigger, (started, started))
+    return revocable
+
+
+def revoke(revocable: list[tuple[str, str]]) -> None:
+    """Revoke forgotten tokens at the provider, best effort: we no longer hold them anyway."""
+    provider = current_app.extensions["provider"]
+    for token, hint in revocable:
+        try:
+            provider.revoke(token, hint)
+        except ProviderError:
+            log.warning(json.dumps({"event": "revoke_failed", "token_type": hint}))
+
+
+def _forget_tokens(user: User) -> list[tuple[str, str]]:
+    """Clear the person's tokens in the current transaction; return the live ones to revoke."""
+    revocable = [(user.refresh_token, "refresh_token"), (user.access_token, "access_token"), (user.viewer_token, "access_token")]
     user.clear_tokens()
-    return refresh_token
+    return [(token, hint) for token, hint in revocable if token]
 
 
 def _lock_subject(subject: str) -> User:
@@ -122,7 +191,7 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
     """Refresh the person's access (or viewer) token, holding their row lock."""
     started = time.monotonic()
     user = _lock_user(user_id)
-    locked = time.monotonic()
+    timing = (started, time.monotonic())
     if user is None:
         db.session.rollback()
         raise SignInRequired("person no longer exists")
@@ -133,33 +202,76 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         # before counting ourselves, so the waiters behind us do not queue for our bookkeeping.
         db.session.commit()
         _count_waiter(user_id)
-        db.session.commit()
-        _log(user_id, kind, "used_fresh", started, locked, waited=True, trigger=trigger)
+        _log(user_id, kind, "used_fresh", timing, trigger)
         return user
     if not user.refresh_token:
         db.session.rollback()
         raise SignInRequired("no refresh token stored")
+    if user.refresh_unsure:
+        _settle_unsure(user, kind, trigger, timing)
 
     scope = current_app.config["OAUTH_VIEWER_SCOPE"] if kind == "viewer" else None
-    provider = current_app.extensions["provider"]
+    used = user.refresh_token
     try:
-        tokens = provider.refresh(user.refresh_token, scope=scope)
+        reply = current_app.extensions["provider"].refresh(used, scope=scope)
     except InvalidGrant:
-        _forget(user, kind, trigger, started)
+        # A replay after a lost reply (no introspection to ask first) is a lost rotation, not an expiry.
+        _forget(user, kind, "lost_rotation" if user.refresh_unsure else "invalid_grant", trigger, timing)
         raise SignInRequired("refresh token expired, revoked or replaced") from None
     except ProviderError as exc:
-        # The refresh token was not consumed, or we cannot know: keep it and let a later request retry.
-        db.session.rollback()
-        _record(user_id, kind, "unavailable", trigger, started)
-        db.session.commit()
-        _log(user_id, kind, "unavailable", started, locked, waited=locked - started > 0.05, trigger=trigger, reason=str(exc))
+        if isinstance(exc, ProviderUnavailable) and exc.delivered:
+            user.refresh_unsure = True
+            _settle_unsure(user, kind, trigger, timing)
+        db.session.commit()  # keeps refresh_unsure when we could not find out
+        _finish(user_id, kind, "unavailable", trigger, timing, reason=str(exc))
         raise RefreshUnavailable(str(exc)) from None
 
-    _store_refresh(user, kind, tokens, scope)
-    _record(user_id, kind, "refreshed", trigger, started)
-    db.session.commit()
-    _log(user_id, kind, "refreshed", started, locked, waited=locked - started > 0.05, trigger=trigger)
+    user = _store_rotation(user_id, user, kind, used, reply, scope)
+    _finish(user_id, kind, "refreshed", trigger, timing)
     return user
+
+
+def _settle_unsure(user: User, kind: str, trigger: str, timing: tuple[float, float]) -> None:
+    """Find out whether a refresh whose reply was lost rotated the kept token; a rotation we never stored is lost.
+
+    Replaying the kept token would tell too, but a strict provider answers a replay by revoking the grant.
+    """
+    try:
+        active = current_app.extensions["provider"].introspect(user.refresh_token).get("active")
+    except ProviderError:
+        return  # no introspection, or no answer: stay unsure, the refresh will tell
+    if active is False:
+        _forget(user, kind, "lost_rotation", trigger, timing)
+        raise SignInRequired("the provider rotated the refresh token but its reply was lost")
+    user.refresh_unsure = False
+
+
+def _store_rotation(user_id: int, user: User, kind: str, used: str, reply: TokenResponse, scope: str | None) -> User:
+    """Commit the rotated tokens in a transaction of their own; retry on a fresh connection when the commit fails."""
+    deadline = time.monotonic() + current_app.config["ROTATION_STORE_RETRY"]
+    pause, attempt = 0.05, 0
+    while True:
+        try:
+            if attempt:
+                user = _lock_user(user_id)
+                if user is None or user.refresh_token != used:
+                    # A sign-in stored a newer grant (or the grant ended) meanwhile: ours is already dead.
+                    db.session.commit()
+                    if user is None or not user.refresh_token:
+                        raise SignInRequired("the grant ended while its rotation was being stored")
+                    return user
+            _apply_refresh(user, kind, reply, scope)
+            db.session.commit()
+            return user
+        except (SQLAlchemyError, RefreshUnavailable) as exc:
+            db.session.rollback()
+            reason = type(exc.__cause__ or exc).__name__  # never the statement's parameters: they hold tokens
+            if time.monotonic() + pause > deadline:
+                log.error(json.dumps({"event": "token_refresh", "user_id": user_id, "kind": kind, "outcome": "lost_rotation", "reason": reason}))
+                raise RefreshUnavailable("the rotated refresh token could not be stored") from None
+            log.warning(json.dumps({"event": "rotation_store_retry", "user_id": user_id, "attempt": attempt, "reason": reason}))
+            time.sleep(pause)
+            pause, attempt = min(pause * 2, 1.0), attempt + 1
 
 
 def _lock_user(user_id: int) -> User | None:
@@ -171,7 +283,7 @@ def _lock_user(user_id: int) -> User | None:
             # SQLite has no row locks: take the database write lock up front (waits up to the busy timeout).
             db.session.execute(text("BEGIN IMMEDIATE"))
         else:
-            # Wait at most a few provider round trips for another request's refresh.
+            # Wait at most as long as a refresh may take for another request's refresh.
             db.session.execute(text(f"SET LOCAL lock_timeout = '{_lock_wait_ms()}ms'"))
             query = query.with_for_update()
         return db.session.execute(query).scalar_one_or_none()
@@ -181,10 +293,11 @@ def _lock_user(user_id: int) -> User | None:
 
 
 def _lock_wait_ms() -> int:
-    return int(current_app.config["PROVIDER_TIMEOUT"] * 3 * 1000)
+    config = current_app.config
+    return int((config["PROVIDER_REFRESH_TIMEOUT"] + 2 * config["PROVIDER_TIMEOUT"]) * 1000)
 
 
-def _store_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | None) -> None:
+def _apply_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | None) -> None:
     now = utcnow()
     expires_at = now + timedelta(seconds=tokens.expires_in)
     if kind == "viewer":
@@ -192,6 +305,7 @@ def _store_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | No
         user.viewer_scope = tokens.scope or scope
     else:
         user.access_token, user.access_expires_at = tokens.access_token, expires_at
+    user.refresh_unsure = False
     if tokens.refresh_token:  # some OIDC providers do not rotate; APS always does
         user.refresh_token = tokens.refresh_token
         user.refresh_issued_at = now
@@ -201,31 +315,47 @@ def _store_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | No
         db.session.execute(update(UserSession).where(UserSession.user_id == user.id).values(expires_at=user.refresh_expires_at))
 
 
-def _forget(user: User, kind: str, trigger: str, started: float) -> None:
+def _forget(user: User, kind: str, outcome: str, trigger: str, timing: tuple[float, float]) -> None:
     """Clear a dead grant: the person's tokens and every session that relied on them."""
+    user_id = user.id
     user.clear_tokens()
-    sessions.end_all(user.id)
-    _record(user.id, kind, "invalid_grant", trigger, started)
+    sessions.expire_all(user_id)
     db.session.commit()
-    _log(user.id, kind, "invalid_grant", started, started, waited=False, trigger=trigger)
+    _finish(user_id, kind, outcome, trigger, timing)
 
 
-def _record(user_id: int, kind: str, outcome: str, trigger: str, started: float) -> None:
-    """Add the refresh event to the current transaction; the caller commits."""
-    db.session.add(RefreshEvent(user_id=user_id, kind=kind, outcome=outcome, trigger=trigger[:255], duration_ms=_ms(started)))
+def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[float, float], reason: str = "") -> None:
+    """Record the refresh event in a transaction of its own and log it; losing the record loses nothing else."""
+    try:
+        db.session.add(RefreshEvent(user_id=user_id, kind=kind, outcome=outcome, trigger=_clean(trigger), duration_ms=_ms(timing[0])))
+        db.session.commit()
+    except SQLAlchemyError as exc:
+        db.session.rollback()
+        log.warning(json.dumps({"event": "refresh_event_not_recorded", "user_id": user_id, "reason": type(exc).__name__}))
+    _log(user_id, kind, outcome, timing, trigger, reason)
 
 
 def _count_waiter(user_id: int) -> None:
     latest = select(RefreshEvent.id).where(RefreshEvent.user_id == user_id).order_by(RefreshEvent.id.desc()).limit(1).scalar_subquery()
-    db.session.execute(update(RefreshEvent).where(RefreshEvent.id == latest).values(waiters=RefreshEvent.waiters + 1))
+    try:
+        db.session.execute(update(RefreshEvent).where(RefreshEvent.id == latest).values(waiters=RefreshEvent.waiters + 1))
+        db.session.commit()
+    except SQLAlchemyError:
+        db.session.rollback()  # a count, not a token: never worth an error page
+
+
+def _clean(trigger: str) -> str:
+    """Keep a client-chosen request line storable: no NUL or other control characters, at most 255 characters."""
+    return "".join(ch if ch.isprintable() else "\ufffd" for ch in trigger)[:255]
 
 
 def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _log(user_id: int, kind: str, outcome: str, started: float, locked: float, *, waited: bool, trigger: str, reason: str = "") -> None:
+def _log(user_id: int, kind: str, outcome: str, timing: tuple[float, float], trigger: str, reason: str = "") -> None:
     """Write one structured line per refresh; never a token."""
+    started, locked = timing
     fields = {
         "event": "token_refresh",
         "user_id": user_id,
@@ -233,9 +363,9 @@ def _log(user_id: int, kind: str, outcome: str, started: float, locked: float, *
         "outcome": outcome,
         "duration_ms": _ms(started),
         "lock_wait_ms": int((locked - started) * 1000),
-        "waited": waited,
+        "waited": locked - started > 0.05,
         "trigger": trigger,
     }
     if reason:
         fields["reason"] = reason
-    log.info(json.dumps(fields))
+    (log.warning if outcome == "lost_rotation" else log.info)(json.dumps(fields))

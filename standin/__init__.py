@@ -4,7 +4,9 @@ For development and tests only: a person signs in by typing a name. It keeps APS
 that matter to a client: single-use codes bound to client, redirect URI and PKCE challenge;
 single-use rotating refresh tokens that live 15 days; one refresh token per person per app;
 refreshes narrowed to a subset of the granted scope. In strict mode, replaying a used refresh
-token also revokes the person's current one, as Keycloak and panva/oidc-provider do.
+token also revokes the person's current one, as Keycloak and panva/oidc-provider do. Like a
+real provider it remembers the browser that signed in (a cookie of its own), so authorize with
+prompt=none signs that person in again without a form, or answers login_required.
 """
 
 import base64
@@ -20,6 +22,8 @@ from sqlalchemy import delete, select, update
 from standin.store import Store, access_tokens, digest, refresh_tokens
 
 REFRESH_TTL = 15 * 24 * 3600
+BROWSER_SESSION_TTL = 30 * 24 * 3600
+BROWSER_COOKIE = "standin_session"
 SIGN_IN_FIELDS = ("client_id", "redirect_uri", "scope", "state", "code_challenge", "code_challenge_method", "nonce")
 
 
@@ -83,6 +87,12 @@ def create_app(settings: Mapping) -> Flask:
         if not params.get("scope", "").split():
             return _back(redirect_uri, issuer, error="invalid_scope", state=state)
         if request.method == "GET":
+            if params.get("prompt") == "none":
+                # Sign in again without showing anything, or say that the person must interact (OIDC Core §3.1.2.6).
+                sub = store.browser_session(request.cookies.get(BROWSER_COOKIE, ""))
+                if sub is None:
+                    return _back(redirect_uri, issuer, error="login_required", state=state)
+                return _back(redirect_uri, issuer, code=_code_for(store, params, sub), state=state)
             return render_template("standin/signin.html", fields={k: params.get(k, "") for k in SIGN_IN_FIELDS})
         if "cancel" in request.form:
             return _back(redirect_uri, issuer, error="access_denied", state=state)
@@ -91,14 +101,17 @@ def create_app(settings: Mapping) -> Flask:
             fields = {k: params.get(k, "") for k in SIGN_IN_FIELDS}
             return render_template("standin/signin.html", fields=fields, missing_name=True), 400
         person = store.add_person(name)
-        code = store.add_code(
-            client_id=params["client_id"],
-            redirect_uri=redirect_uri,
-            code_challenge=params["code_challenge"],
-            scope=" ".join(params["scope"].split()),
-            sub=person["sub"],
+        response = _back(redirect_uri, issuer, code=_code_for(store, params, person["sub"]), state=state)
+        response.set_cookie(
+            BROWSER_COOKIE,
+            store.start_browser_session(person["sub"], BROWSER_SESSION_TTL),
+            max_age=BROWSER_SESSION_TTL,
+            path=request.script_root or "/",
+            httponly=True,
+            samesite="Lax",
+            secure=issuer.startswith("https://"),
         )
-        return _back(redirect_uri, issuer, code=code, state=state)
+        return response
 
     @app.post("/authentication/v2/token")
     def token():
@@ -108,6 +121,9 @@ def create_app(settings: Mapping) -> Flask:
             return jsonify(error="server_error", error_description="injected fault"), 503
         if fault and fault["kind"] == "invalid_grant":
             raise OAuthError("invalid_grant", "injected fault")
+        if fault and fault["kind"] == "hang":
+            time.sleep(fault["delay"])  # too slow, and then nothing done: the token stays usable
+            return jsonify(error="server_error", error_description="injected fault"), 503
         if fault and fault["kind"] == "timeout":
             time.sleep(fault["delay"])
         grant_type = request.form.get("grant_type")
@@ -144,10 +160,14 @@ def create_app(settings: Mapping) -> Flask:
 
     @app.get("/authentication/v2/logout")
     def logout():
+        store.end_browser_session(request.cookies.get(BROWSER_COOKIE, ""))
         target = request.args.get("post_logout_redirect_uri", "")
         if target and (not cfg["redirect_uris"] or any(target.startswith(uri.rsplit("/", 2)[0]) for uri in cfg["redirect_uris"])):
-            return redirect(target)
-        return render_template("standin/signed_out.html")
+            response = redirect(target)
+        else:
+            response = Response(render_template("standin/signed_out.html"))
+        response.delete_cookie(BROWSER_COOKIE, path=request.script_root or "/", httponly=True, samesite="Lax")
+        return response
 
     @app.get("/userinfo")
     def userinfo():
@@ -164,6 +184,17 @@ def create_app(settings: Mapping) -> Flask:
 def _active(row: Mapping, token_type: str) -> Response:
     """Describe a live token as APS's introspection endpoint does."""
     return jsonify(active=True, token_type=token_type, scope=row["scope"], client_id=row["client_id"], exp=int(row["expires_at"]), userid=row["sub"])
+
+
+def _code_for(store: Store, params: Mapping, sub: str) -> str:
+    """Issue a one-time code for sub, bound to this request's client, redirect URI and PKCE challenge."""
+    return store.add_code(
+        client_id=params["client_id"],
+        redirect_uri=params["redirect_uri"],
+        code_challenge=params["code_challenge"],
+        scope=" ".join(params["scope"].split()),
+        sub=sub,
+    )
 
 
 def _check_client_and_redirect(cfg: Mapping, params: Mapping) -> None:

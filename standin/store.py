@@ -69,6 +69,15 @@ access_tokens = Table(
     Column("expires_at", Float, nullable=False),
 )
 
+# Browsers signed in at the provider itself, so authorize with prompt=none can answer without a form.
+browser_sessions = Table(
+    "browser_sessions",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),
+    Column("sub", String(64), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
 # What happened at the token endpoint, so tests and benchmarks can count refreshes.
 events = Table(
     "events",
@@ -79,7 +88,8 @@ events = Table(
     Column("at", Float, nullable=False),
 )
 
-# Faults to inject into the next token requests (kind: 5xx, timeout, drop, invalid_grant).
+# Faults to inject into the next token requests: 5xx, invalid_grant, timeout (slow, then done),
+# hang (slow, then nothing done) and drop (done, then the reply is lost).
 faults = Table(
     "faults",
     metadata,
@@ -91,7 +101,7 @@ faults = Table(
     Column("taken_by", Integer, nullable=True),
 )
 
-FAULT_KINDS = {"5xx", "timeout", "drop", "invalid_grant"}
+FAULT_KINDS = {"5xx", "timeout", "hang", "drop", "invalid_grant"}
 
 
 def digest(token: str) -> str:
@@ -135,6 +145,23 @@ class Store:
             if conn.execute(select(people.c.sub).where(people.c.sub == sub)).first() is None:
                 conn.execute(insert(people).values(**person))
         return person
+
+    def start_browser_session(self, sub: str, ttl: float) -> str:
+        """Remember that this browser signed in as sub; return the cookie value."""
+        session_id = new_token()
+        with self.transaction() as conn:
+            conn.execute(insert(browser_sessions).values(id_hash=digest(session_id), sub=sub, expires_at=time.time() + ttl))
+        return session_id
+
+    def browser_session(self, session_id: str) -> str | None:
+        """Return the subject signed in with this cookie value, if the session is still alive."""
+        query = select(browser_sessions.c.sub).where(browser_sessions.c.id_hash == digest(session_id), browser_sessions.c.expires_at > time.time())
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar()
+
+    def end_browser_session(self, session_id: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(delete(browser_sessions).where(browser_sessions.c.id_hash == digest(session_id)))
 
     def person(self, sub: str) -> dict | None:
         with self.engine.connect() as conn:

@@ -75,6 +75,7 @@ def make_config(tmp_path, database_url: str, **overrides) -> dict:
         "STANDIN_DATABASE_URL": f"sqlite:///{tmp_path / 'standin.sqlite'}",
         "STANDIN_STRICT": True,
         "PROVIDER_TIMEOUT": 2,
+        "PROVIDER_REFRESH_TIMEOUT": 2,
     }
     config.update(overrides)
     return config

@@ -11,7 +11,8 @@ from sqlalchemy import update
 
 import tokens
 from conftest import expire_access_token, sign_in, stored_user
-from models import RefreshEvent, User, db, utcnow
+from models import RefreshEvent, User, UserSession, db, utcnow
+from provider import ProviderUnavailable
 from standin.store import refresh_tokens
 
 
@@ -57,11 +58,12 @@ def test_dead_refresh_token_signs_out_page_back_to_same_page(app, client, standi
     assert page.status_code == 302
     location = urlsplit(page.headers["Location"])
     assert location.path == "/auth/login"
-    assert parse_qs(location.query)["next"] == ["/?tab=1"]
+    assert parse_qs(location.query) == {"next": ["/?tab=1"], "silent": ["1"]}
     user = stored_user(app)
     assert user.refresh_token is None and user.access_token is None
     with app.app_context():
-        assert db.session.execute(db.select(User.sessions.any())).scalar() is False
+        live = db.select(UserSession).where(UserSession.expires_at > utcnow())
+        assert db.session.execute(live).first() is None
 
 
 def test_dead_refresh_token_answers_401_json_for_api(app, client, standin):
@@ -76,36 +78,64 @@ def test_dead_refresh_token_answers_401_json_for_api(app, client, standin):
     assert client.get("/api/session").status_code == 401  # the session is gone, not just this request
 
 
-@pytest.mark.parametrize("fault", ["5xx", "timeout", "drop"])
+@pytest.mark.parametrize("fault", ["5xx", "hang"])
 def test_provider_fault_answers_503_and_keeps_everything(app, client, standin, fault):
+    """The provider failed without rotating (an error, or too slow and then nothing done): keep the token, retry later."""
     sign_in(client)
     before = stored_user(app)
-    standin.inject(fault, delay=3)  # the app's PROVIDER_TIMEOUT is 2 s in tests
+    standin.inject(fault, delay=3)  # the app's refresh timeout is 2 s in tests
     expire_access_token(app)
     reply = client.get("/api/session")
     assert reply.status_code == 503
     assert reply.get_json()["error"] == "provider_unavailable"
     after = stored_user(app)
-    assert after.refresh_token == before.refresh_token  # kept: consumed or not, we cannot know
-    if fault == "5xx":
-        # The token was not consumed: the next request succeeds.
-        assert client.get("/api/session").status_code == 200
-        assert stored_user(app).refresh_token != before.refresh_token
+    assert after.refresh_token == before.refresh_token
+    assert after.refresh_unsure is False  # a lost "hang" reply was checked by introspection: the token still lives
+    assert client.get("/api/session").status_code == 200
+    assert stored_user(app).refresh_token != before.refresh_token
+    assert standin.count("refresh_rejected") == 0
 
 
 @pytest.mark.parametrize("fault", ["timeout", "drop"])
-def test_lost_refresh_reply_ends_in_clean_sign_in(app, client, standin, fault):
-    """The provider rotated but its reply was lost: the kept token is now spent, so sign in again, no 500."""
+def test_lost_refresh_reply_is_a_lost_rotation_found_without_a_replay(app, client, standin, fault, caplog):
+    """The provider rotated but its reply was lost: introspection says so at once; no replay, no 500."""
     sign_in(client)
     standin.inject(fault, delay=3)
     expire_access_token(app)
-    assert client.get("/api/session").status_code == 503
-    reply = client.get("/api/session")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tokens"):
+        reply = client.get("/api/session")
     assert reply.status_code == 401
     assert reply.get_json()["error"] == "sign_in_required"
-    assert client.get("/").status_code == 200  # signed out cleanly
+    assert standin.count("refresh_rejected") == 0  # the spent token was never replayed
+    outcomes = [json.loads(r.getMessage())["outcome"] for r in caplog.records if r.name == "tokens"]
+    assert outcomes == ["lost_rotation"]
+    with app.app_context():
+        assert db.session.execute(db.select(RefreshEvent.outcome).order_by(RefreshEvent.id.desc())).scalars().first() == "lost_rotation"
+    assert client.get("/").status_code == 302  # the page resumes through the provider, silently
     assert sign_in(client).status_code == 302
     assert client.get("/api/session").status_code == 200
+
+
+def test_lost_reply_without_an_answer_from_introspection_stays_unsure_until_checked(app, client, standin):
+    """While the provider cannot say whether it rotated, keep the token marked unsure; the next attempt asks first."""
+    sign_in(client)
+    before = stored_user(app)
+    standin.inject("drop")
+    standin.inject("5xx", count=0)
+    expire_access_token(app)
+    introspect = app.extensions["provider"].introspect
+
+    def down(token):
+        raise ProviderUnavailable("introspection down")
+
+    app.extensions["provider"].introspect = down
+    assert client.get("/api/session").status_code == 503
+    assert stored_user(app).refresh_unsure is True
+    assert stored_user(app).refresh_token == before.refresh_token
+    app.extensions["provider"].introspect = introspect
+    assert client.get("/api/session").status_code == 401  # now it can say: rotated, and the reply lost
+    assert standin.count("refresh_rejected") == 0
 
 
 def test_provider_down_page_is_503_and_session_survives(app, client, standin):
