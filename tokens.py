@@ -311,8 +311,9 @@ def _apply_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | No
         user.refresh_issued_at = now
         user.refresh_expires_at = now + REFRESH_TOKEN_LIFETIME
         user.refresh_rotations += 1
-        # Sessions live as long as the refresh token that keeps them signed in.
-        db.session.execute(update(UserSession).where(UserSession.user_id == user.id).values(expires_at=user.refresh_expires_at))
+        # Live sessions live as long as the refresh token that keeps them signed in; ended ones stay ended.
+        live = (UserSession.user_id == user.id) & (UserSession.expires_at > now)
+        db.session.execute(update(UserSession).where(live).values(expires_at=user.refresh_expires_at))
 
 
 def _forget(user: User, kind: str, outcome: str, trigger: str, timing: tuple[float, float]) -> None:

@@ -1,0 +1,326 @@
+"""No sign-in lost: the cookie slides, rotations are stored durably, sign-out cannot wipe a new sign-in,
+no orphan sessions, lost replies are found, dead grants resume silently, the database may restart."""
+
+import random
+import threading
+import time
+from datetime import timedelta
+from email.utils import parsedate_to_datetime
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from sqlalchemy import event, text, update
+from sqlalchemy.exc import OperationalError
+
+from app import create_app
+from conftest import expire_access_token, make_config, migrate_fresh, sign_in, stored_user
+from models import RefreshEvent, User, UserSession, db, utcnow
+from standin.store import refresh_tokens
+
+
+def _csrf_from_page(client) -> str:
+    page = client.get("/").get_data(as_text=True)
+    return page.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+
+
+def _session_set_cookie(reply) -> dict | None:
+    """Return the attributes of the session cookie this reply sets, if it sets one."""
+    for header in reply.headers.getlist("Set-Cookie"):
+        name, _, rest = header.partition("=")
+        if name == "session":
+            value, *attributes = rest.split("; ")
+            fields = dict(a.partition("=")[::2] for a in attributes)
+            return {"value": value, **{k.lower(): v for k, v in fields.items()}}
+    return None
+
+
+def _age_sign_in(app, days: int) -> None:
+    """Rewrite the stored times as if the person signed in (and the cookie was set) days ago."""
+    then = utcnow() + timedelta(days=15 - days)
+    with app.app_context():
+        db.session.execute(update(User).values(refresh_expires_at=then))
+        values = {"expires_at": then}
+        if "cookie_expires_at" in UserSession.__table__.c:
+            values["cookie_expires_at"] = then
+        db.session.execute(update(UserSession).values(**values))
+        db.session.commit()
+
+
+# 1. The cookie slides.
+
+
+def test_cookie_follows_the_rotations(app, client):
+    """Someone who uses the app daily is not signed out by their browser on day 15."""
+    sign_in(client)
+    _age_sign_in(app, days=14)
+    expire_access_token(app)
+    reply = client.get("/api/session")
+    assert reply.status_code == 200
+    cookie = _session_set_cookie(reply)
+    assert cookie is not None, "the cookie was not re-issued after the rotation moved the session on"
+    assert parsedate_to_datetime(cookie["expires"]) > utcnow() + timedelta(days=14)
+    assert cookie["value"] == client.get_cookie("session").value
+    # Told once: the next answers leave the cookie alone until the expiry moves on again.
+    assert _session_set_cookie(client.get("/api/session")) is None
+    assert _session_set_cookie(client.get("/")) is None
+
+
+def test_cookie_is_not_rewritten_on_every_request(app, client):
+    sign_in(client)
+    expire_access_token(app)
+    assert _session_set_cookie(client.get("/api/session")) is None  # moved by minutes, not a day
+
+
+# 2. A rotation that is not stored is a sign-in lost.
+
+
+def test_nul_in_the_path_when_the_token_is_due_loses_nothing(app, client, standin):
+    """A cross-site link to /%00 carries the cookie; the refresh it triggers must still be stored."""
+    sign_in(client)
+    expire_access_token(app)
+    reply = client.get("/%00")
+    assert reply.status_code < 500
+    assert client.get("/api/profile").status_code == 200
+    expire_access_token(app)
+    assert client.get("/api/profile").status_code == 200
+    assert standin.count("refresh_rejected") == 0
+
+
+def test_failed_commit_after_rotation_is_retried_and_the_person_stays_signed_in(app, client, standin):
+    """The first commit after the provider rotated fails (a restart, a deadlock): retried on a fresh connection."""
+    sign_in(client)
+    expire_access_token(app)
+    provider = app.extensions["provider"]
+    rotated = []
+    refresh = provider.refresh
+    provider.refresh = lambda *args, **kwargs: rotated.append(refresh(*args, **kwargs)) or rotated[-1]
+    failed = []
+
+    def fail_first_commit_after_rotation(conn):
+        if rotated and not failed:
+            failed.append(True)
+            raise OperationalError("COMMIT", {}, Exception("injected: the connection dropped during COMMIT"))
+
+    with app.app_context():
+        engine = db.engine
+    event.listen(engine, "commit", fail_first_commit_after_rotation)
+    try:
+        reply = client.get("/api/profile")
+    finally:
+        event.remove(engine, "commit", fail_first_commit_after_rotation)
+    assert failed, "the fault was never injected"
+    assert reply.status_code == 200
+    assert stored_user(app).refresh_token == rotated[0].refresh_token
+    expire_access_token(app)
+    assert client.get("/api/profile").status_code == 200
+    assert standin.count("refresh_rejected") == 0
+
+
+# 3. Sign-out racing a sign-in on another device.
+
+
+def _callback_url(client) -> str:
+    """Walk a new browser through the stand-in's form up to the callback link, without following it."""
+    login = client.get("/auth/login")
+    authorize = urlsplit(login.headers["Location"])
+    consent = client.post(authorize.path, query_string=authorize.query, data={"name": "Ada Lovelace"})
+    return consent.headers["Location"]
+
+
+def _race(leaving, arriving, callback: str, delay: float) -> None:
+    """Sign out the last session of one browser while another browser's callback signs the person in."""
+    token = _csrf_from_page(leaving)
+    back = urlsplit(callback)
+    barrier = threading.Barrier(2)
+
+    def sign_out():
+        barrier.wait()
+        time.sleep(delay)
+        leaving.post("/auth/logout", data={"csrf_token": token})
+
+    def sign_in_there():
+        barrier.wait()
+        arriving.get(back.path, query_string=back.query)
+
+    threads = [threading.Thread(target=sign_out), threading.Thread(target=sign_in_there)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_sign_out_racing_a_sign_in_elsewhere_never_wipes_the_new_sign_in(app_factory):
+    app = app_factory(SIGNIN_RATE_LIMIT="off")
+    standin = app.extensions["standin"].extensions["standin_store"]
+    leaving = app.test_client()
+    sign_in(leaving)
+    rng = random.Random(7)
+    for attempt in range(25):
+        arriving = app.test_client()
+        _race(leaving, arriving, _callback_url(arriving), rng.uniform(0, 0.03))
+        assert arriving.get("/api/session").status_code == 200, f"attempt {attempt}: the new sign-in was wiped"
+        stored = stored_user(app).refresh_token
+        assert stored is not None and standin.refresh_token(stored)["status"] == "active", f"attempt {attempt}"
+        leaving = arriving
+
+
+# 4. No orphans after sign_in_required.
+
+
+def test_session_answered_sign_in_required_no_longer_counts_as_signed_in(app, client, standin):
+    """A session whose grant is gone ends with its answer; a later sign-out then revokes the new grant."""
+    sign_in(client)
+    with app.app_context():  # the grant was wiped (as the sign-out race did), the session row left behind
+        db.session.execute(update(User).values(refresh_token=None, access_token=None, access_expires_at=None))
+        db.session.commit()
+    assert client.get("/api/session").status_code == 401
+    other = app.test_client()
+    sign_in(other)
+    token = stored_user(app).refresh_token
+    other.post("/auth/logout", data={"csrf_token": _csrf_from_page(other)})
+    assert standin.refresh_token(token)["status"] == "revoked"
+
+
+# 5. A lost reply after the provider rotated.
+
+
+def test_refresh_waits_longer_than_other_calls_for_its_reply(app_factory):
+    """A slow refresh (3 s) is not cut off by the 2 s timeout of other calls: its reply carries the new token."""
+    app = app_factory(PROVIDER_TIMEOUT=2, PROVIDER_REFRESH_TIMEOUT=5)
+    client = app.test_client()
+    sign_in(client)
+    store = app.extensions["standin"].extensions["standin_store"]
+    store.inject("timeout", delay=3)
+    expire_access_token(app)
+    assert client.get("/api/profile").status_code == 200
+    assert store.count("refresh_rejected") == 0
+
+
+def test_lost_rotation_shows_on_the_session_page(app, client, standin):
+    sign_in(client)
+    standin.inject("drop")
+    expire_access_token(app)
+    assert client.get("/api/session").status_code == 401
+    sign_in(client)
+    outcomes = [e["outcome"] for e in client.get("/api/lifecycle").get_json()["refreshes"]]
+    assert "lost_rotation" in outcomes
+    assert "lost_rotation" in client.get("/session").get_data(as_text=True)
+
+
+# 6. Silent re-sign-in.
+
+
+def _follow(client, reply, limit: int = 10) -> tuple[object, list[str]]:
+    """Follow redirects by hand; return the final reply and every path visited on the way."""
+    visited = []
+    while reply.status_code in (301, 302, 303) and limit:
+        target = urlsplit(reply.headers["Location"])
+        visited.append(target.path)
+        reply = client.get(target.path, query_string=target.query)
+        limit -= 1
+    return reply, visited
+
+
+def _kill_grant_at_provider(app, standin) -> None:
+    with standin.transaction() as conn:
+        conn.execute(update(refresh_tokens).values(status="revoked"))
+    expire_access_token(app)
+
+
+def test_dead_grant_resumes_silently_on_the_same_page(app, client, standin):
+    sign_in(client)
+    _kill_grant_at_provider(app, standin)
+    final, visited = _follow(client, client.get("/session?tab=2"))
+    assert final.status_code == 200
+    assert visited[-1] == "/session"
+    assert "/standin/authentication/v2/authorize" in visited  # through the provider, which showed no form
+    assert 'name="name"' not in final.get_data(as_text=True)
+    assert client.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
+
+
+def test_dead_grant_seen_by_an_api_call_resumes_at_the_next_page(app, client, standin):
+    sign_in(client)
+    _kill_grant_at_provider(app, standin)
+    assert client.get("/api/session").status_code == 401
+    final, visited = _follow(client, client.get("/devices"))
+    assert final.status_code == 200 and visited[-1] == "/devices"
+    assert client.get("/api/session").status_code == 200
+
+
+def test_silent_sign_in_falls_back_to_the_form_with_a_notice(app, client, standin):
+    sign_in(client)
+    client.get("/standin/authentication/v2/logout")  # the provider's own session ends too
+    _kill_grant_at_provider(app, standin)
+    final, visited = _follow(client, client.get("/session"))
+    assert visited[-1] == "/auth/callback"
+    page = final.get_data(as_text=True)
+    assert "sign in again" in page.lower()
+    assert "/auth/login?next=/session" in page.replace("%2F", "/")
+    # No loop: the next visit is a plain signed-out page.
+    assert client.get("/").status_code == 200
+
+
+def test_api_calls_never_redirect_to_a_silent_sign_in(app, client, standin):
+    sign_in(client)
+    _kill_grant_at_provider(app, standin)
+    reply = client.get("/api/profile")
+    assert reply.status_code == 401 and reply.get_json()["error"] == "sign_in_required"
+    assert client.get("/api/session").status_code == 401
+
+
+def test_sign_out_elsewhere_is_not_undone_by_a_silent_sign_in(app, standin):
+    here, there = app.test_client(), app.test_client()
+    sign_in(here)
+    sign_in(there)
+    there.post("/auth/logout-everywhere", data={"csrf_token": _csrf_from_page(there)})
+    page = here.get("/session")
+    assert page.status_code == 302
+    assert parse_qs(urlsplit(page.headers["Location"]).query).get("silent") is None
+    assert here.get("/api/session").status_code == 401
+
+
+def test_silent_sign_in_can_be_turned_off(app_factory):
+    app = app_factory(SILENT_SIGN_IN=False)
+    client = app.test_client()
+    sign_in(client)
+    _kill_grant_at_provider(app, app.extensions["standin"].extensions["standin_store"])
+    page = client.get("/session")
+    assert "silent" not in page.headers["Location"]
+
+
+# 7. The database restarts.
+
+
+@pytest.fixture
+def own_postgres():
+    from pgserver import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.destroy()
+
+
+def test_database_restart_is_not_a_500_and_keeps_the_sign_in(own_postgres, tmp_path):
+    app = create_app(make_config(tmp_path, own_postgres.url))
+    migrate_fresh(app)
+    client = app.test_client()
+    sign_in(client)
+    assert client.get("/api/session").status_code == 200  # a pooled connection exists now
+    own_postgres.restart()
+    reply = client.get("/api/session")
+    assert reply.status_code == 200
+    assert reply.get_json()["user"]["name"] == "Ada Lovelace"
+    expire_access_token(app)
+    assert client.get("/api/profile").status_code == 200
+    with app.app_context():
+        assert db.session.execute(text("SELECT count(*) FROM refresh_events")).scalar() >= 1
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_refresh_events_record_the_outcome_of_each_refresh(app, client):
+    sign_in(client)
+    expire_access_token(app)
+    client.get("/api/session")
+    with app.app_context():
+        assert db.session.execute(db.select(RefreshEvent.outcome).order_by(RefreshEvent.id.desc())).scalars().first() == "refreshed"
