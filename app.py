@@ -119,7 +119,9 @@ def provider_unavailable(exc: tokens.RefreshUnavailable) -> tuple[Response | str
     message = "The sign-in provider is not answering right now; you are still signed in, please try again in a moment."
     if _wants_json():
         return jsonify(error="provider_unavailable", message=message), 503
-    return render_template("error.html", title="Please try again in a moment", detail=message, retry=request.full_path), 503
+    # The link repeats the request: only a local path, or a crafted one (/%5Chost) would send the person elsewhere.
+    retry = safe_next(request.full_path.rstrip("?"))
+    return render_template("error.html", title="Please try again in a moment", detail=message, retry=retry), 503
 
 
 def http_error(exc: HTTPException) -> tuple[Response | str, int]:

@@ -1,11 +1,12 @@
 """Cookies, headers, session fixation and lifetime, token leaks and sign-in rate limits."""
 
+import html
 import logging
 import re
 import time
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import pytest
 
@@ -231,3 +232,32 @@ def test_pages_need_no_inline_script(app, client):
         assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page), path
         assert not re.search(r"\son[a-z]+\s*=", page, re.IGNORECASE), path
         assert "javascript:" not in page.lower(), path
+
+
+def try_again_link(page: str) -> str:
+    match = re.search(r'<a class="button primary" href="([^"]*)">Try again</a>', page)
+    assert match, page
+    return html.unescape(match.group(1))
+
+
+@pytest.mark.parametrize("path", ["/%5Cevil.example/", "/%09/evil.example", "/%5C%5Cevil.example", "/%0d%0a/evil.example", "/\\evil.example"])
+def test_try_again_on_the_503_page_never_leaves_the_site(app, client, standin, path):
+    """The link is built from the request's path; browsers read a backslash or a tab-led path as another host."""
+    sign_in(client)
+    standin.inject("5xx")
+    expire_access_token(app)
+    reply = client.get(path)
+    assert reply.status_code == 503
+    link = try_again_link(reply.get_data(as_text=True))
+    as_browsers_read_it = re.sub(r"[\t\n\r]", "", link).replace("\\", "/")
+    assert as_browsers_read_it.startswith("/") and not as_browsers_read_it.startswith("//"), link
+    assert urlsplit(urljoin("http://localhost/", as_browsers_read_it)).netloc == "localhost", link
+
+
+def test_try_again_on_the_503_page_returns_to_the_same_local_page(app, client, standin):
+    sign_in(client)
+    standin.inject("5xx")
+    expire_access_token(app)
+    reply = client.get("/devices?tab=all")
+    assert reply.status_code == 503
+    assert try_again_link(reply.get_data(as_text=True)) == "/devices?tab=all"
