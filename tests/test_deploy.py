@@ -454,7 +454,17 @@ def test_sign_in_through_nginx_with_two_replicas_and_a_separate_standin(tmp_path
     started: list = []
     try:
         standin_server = Started(
-            [BIN / "gunicorn", "--bind", f"127.0.0.1:{standin_port}", "--threads", "4", "--no-control-socket", "standin.wsgi:create_app()"],
+            [
+                BIN / "gunicorn",
+                "--config",
+                ROOT / "gunicorn.conf.py",
+                "--bind",
+                f"127.0.0.1:{standin_port}",
+                "--threads",
+                "4",
+                "--no-control-socket",
+                "standin.wsgi:create_app()",
+            ],
             standin_env | {"PYTHONPATH": str(ROOT)},
             tmp_path / "standin.log",
         )
@@ -480,3 +490,62 @@ def test_sign_in_through_nginx_with_two_replicas_and_a_separate_standin(tmp_path
             server.stop()
     served = [(tmp_path / f"app-{port}.log").read_text().count("/api/profile") for port in app_ports]
     assert all(served), served
+
+
+# --- The image's gunicorn settings (gunicorn.conf.py), run through the entrypoint in this virtual environment ---
+
+
+@pytest.fixture(scope="module")
+def entrypoint_server(tmp_path_factory):
+    """deploy/entrypoint.sh serving on SQLite with the embedded stand-in, no proxy in front (TRUSTED_PROXY_COUNT unset)."""
+    folder = tmp_path_factory.mktemp("entrypoint")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = container_env(
+        BIN,
+        folder,
+        port,
+        APP_ENV="development",
+        DATABASE_URL=f"sqlite:///{folder / 'app.sqlite'}",
+        SECRET_KEY="entrypoint-test-secret",
+        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
+        OAUTH_ISSUER=f"{base}/standin",
+        SESSION_COOKIE_SECURE="false",
+        STANDIN_DATABASE_URL=f"sqlite:///{folder / 'standin.sqlite'}",
+        GUNICORN_WORKERS="1",
+        GUNICORN_THREADS="2",
+        GUNICORN_WORKER_TMP_DIR=str(folder),
+    )
+    server = Started([ROOT / "deploy" / "entrypoint.sh"], env, folder / "entrypoint.log")
+    try:
+        server.wait_until(f"{base}/healthz")
+        yield base, server
+    finally:
+        server.stop()
+
+
+def test_access_log_writes_one_line_per_request_whatever_the_path(entrypoint_server):
+    """A %0a in a path must not start a forged line (here a sign-out everywhere from another address)."""
+    base, server = entrypoint_server
+    forged = "/x%0a203.0.113.9%20[01/Jan/2030:00:00:00%20+0000]%20%22POST%20/auth/logout-everywhere%20HTTP/1.1%22%20302%200%201ms%1b[2J%0d%22"
+    assert requests.get(base + forged, timeout=10).status_code == 404
+    deadline = time.monotonic() + 10
+    while "logout-everywhere" not in (log := server.log.read_text()):
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.2)
+    lines = log.splitlines()
+    access = [line for line in lines if "logout-everywhere" in line]
+    assert len(access) == 1, access
+    assert access[0].startswith("127.0.0.1 ") and '"GET /x%0A203.0.113.9' in access[0], access[0]
+    assert not any(line.startswith("203.0.113.9") for line in lines)
+    assert "\x1b" not in log and "\r" not in log
+    assert access[0].count('"') == 2  # the quoted request field cannot be closed early
+
+
+def test_gunicorn_does_not_believe_forwarded_headers_without_a_trusted_proxy(entrypoint_server):
+    """With TRUSTED_PROXY_COUNT=0 nobody may turn the redirect URI into https; ProxyFix is the one place that decides."""
+    base, _server = entrypoint_server
+    for header in ({"X-Forwarded-Proto": "https"}, {"X-Forwarded-Ssl": "on"}, {"X-Forwarded-Protocol": "ssl"}):
+        login = requests.get(f"{base}/auth/login", headers=header, allow_redirects=False, timeout=10)
+        assert login.status_code == 302, header
+        assert parse_qs(urlsplit(login.headers["Location"]).query)["redirect_uri"] == [f"{base}/auth/callback"], header
