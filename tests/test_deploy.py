@@ -549,3 +549,16 @@ def test_gunicorn_does_not_believe_forwarded_headers_without_a_trusted_proxy(ent
         login = requests.get(f"{base}/auth/login", headers=header, allow_redirects=False, timeout=10)
         assert login.status_code == 302, header
         assert parse_qs(urlsplit(login.headers["Location"]).query)["redirect_uri"] == [f"{base}/auth/callback"], header
+
+
+def test_every_gunicorn_we_start_reads_gunicorn_conf():
+    """The image, the compose stand-in, the demo and the tests log and trust alike (the demo binds a fixed port, so it is read, not run)."""
+    starters = {
+        "deploy/entrypoint.sh": r"exec gunicorn \\\s*--config gunicorn\.conf\.py",
+        "scripts/demo": r"exec \.venv/bin/gunicorn --config gunicorn\.conf\.py ",
+        "docker-compose.yml": r'command: \["gunicorn", "--config", "gunicorn\.conf\.py",',
+        "tests/servers.py": r'\["--config", "gunicorn\.conf\.py",',
+    }
+    for path, pattern in starters.items():
+        assert re.search(pattern, (ROOT / path).read_text()), path
+    assert (ROOT / "gunicorn.conf.py").exists()
