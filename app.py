@@ -148,10 +148,13 @@ def _init_database(app: Flask) -> None:
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if urlsplit(uri).scheme not in ("sqlite", "postgresql", "postgresql+psycopg"):
         raise config.ConfigError("DATABASE_URL must be a sqlite:/// or postgresql+psycopg:// URL.")
+    options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
+    # Error messages and logs never show bound values: they are token ciphertext and email addresses.
+    options.setdefault("hide_parameters", True)
     if uri.startswith("sqlite"):
         # A request waiting for another's refresh waits on the write lock, up to a few provider round trips.
         wait = app.config["PROVIDER_TIMEOUT"] * 3
-        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": wait}})
+        options.setdefault("connect_args", {"timeout": wait})
         os.makedirs(app.instance_path, exist_ok=True)
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
