@@ -9,7 +9,7 @@ import requests
 from cryptography.fernet import Fernet, MultiFernet
 from flask import Flask, Response, current_app, g, jsonify, redirect, render_template, request, url_for
 from flask_migrate import Migrate
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -29,6 +29,7 @@ from models import db
 from provider import BackChannel, Provider, aps_endpoints, discover
 from redirects import safe_next
 from standin.inprocess import WSGIAdapter
+from standin.store import private_sqlite_file
 
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 migrate = Migrate()
@@ -156,6 +157,7 @@ def _init_database(app: Flask) -> None:
         wait = app.config["PROVIDER_TIMEOUT"] * 3
         options.setdefault("connect_args", {"timeout": wait})
         os.makedirs(app.instance_path, exist_ok=True)
+        private_sqlite_file(make_url(uri).database)
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
     if uri.startswith("sqlite"):

@@ -125,12 +125,18 @@ def check(config: Mapping) -> None:
 
 
 def _kept_secret(instance_path: str, name: str, make) -> str:
-    """Return a development secret kept in the instance folder, creating it once."""
+    """Return a development secret kept in the instance folder, creating it once, readable by its owner only."""
     path = Path(instance_path) / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(make())
-        os.chmod(path, 0o600)
+        try:
+            # Created 0600, never readable by others even for a moment (a write then a chmod would be).
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+                file.write(make())
+        except FileExistsError:
+            pass  # another worker created it first: use theirs
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)  # left readable by an older version or a copy
     return path.read_text().strip()
 
 

@@ -2,6 +2,7 @@
 
 import html
 import logging
+import os
 import re
 import time
 from datetime import timedelta
@@ -10,8 +11,10 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 
+import config
 import limits
-from conftest import expire_access_token, sign_in, stored_user
+from app import create_app
+from conftest import expire_access_token, make_config, migrate_fresh, sign_in, stored_user
 from models import UserSession, db, utcnow
 
 
@@ -261,3 +264,38 @@ def test_try_again_on_the_503_page_returns_to_the_same_local_page(app, client, s
     reply = client.get("/devices?tab=all")
     assert reply.status_code == 503
     assert try_again_link(reply.get_data(as_text=True)) == "/devices?tab=all"
+
+
+@pytest.fixture
+def umask_022():
+    """The usual umask, under which new files are readable by everyone unless created otherwise."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_development_sqlite_files_are_private(tmp_path, umask_022):
+    """The databases hold encrypted tokens and everyone's sessions; SQLite gives -wal and -shm the database's mode."""
+    app = create_app(make_config(tmp_path, f"sqlite:///{tmp_path / 'app.sqlite'}"))
+    migrate_fresh(app)
+    client = app.test_client()
+    sign_in(client)
+    assert client.get("/api/session").status_code == 200
+    files = [path for path in tmp_path.iterdir() if path.name.startswith(("app.sqlite", "standin.sqlite"))]
+    assert {path.name for path in files} >= {"app.sqlite", "standin.sqlite"}
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o600, path.name
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_kept_development_secrets_are_private(tmp_path, umask_022):
+    """Secrets kept in the instance folder are the owner's alone, also when an older run left them readable."""
+    config.load({}, str(tmp_path / "instance"))
+    kept = [tmp_path / "instance" / "secret_key", tmp_path / "instance" / "token_keys"]
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in kept)
+    for path in kept:
+        path.chmod(0o644)
+    again = config.load({}, str(tmp_path / "instance"))
+    assert again["SECRET_KEY"] == kept[0].read_text().strip()
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in kept)
