@@ -147,7 +147,7 @@ def test_dockerfile_follows_the_deployment_rules():
     kinds = [kind for kind, _ in steps]
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", steps[0][1])  # pinned to a patch release
     copies = [args for kind, args in steps if kind == "COPY"]
-    assert copies[0] == "requirements.txt ." and copies[-1] == ". ."
+    assert copies[0] == "requirements.lock ." and copies[-1] == ". ."
     assert kinds.index("RUN") < [i for i, (k, a) in enumerate(steps) if k == "COPY" and a == ". ."][0]  # deps first
     user = next(args for kind, args in steps if kind == "USER")
     assert user.split(":")[0] not in ("0", "root") and kinds.index("USER") < kinds.index("ENTRYPOINT")
@@ -272,10 +272,10 @@ def test_without_the_back_channel_the_code_exchange_cannot_reach_the_provider(ap
 
 @pytest.fixture(scope="session")
 def image_venv(tmp_path_factory) -> Path:
-    """A new virtual environment with only requirements.txt, as the image installs it (once per run)."""
+    """A new virtual environment with only requirements.lock, as the image installs it (once per run)."""
     venv = tmp_path_factory.mktemp("image-venv")
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
-    install = [venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", "-r", ROOT / "requirements.txt"]
+    install = [venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", "--require-hashes", "-r", ROOT / "requirements.lock"]
     done = subprocess.run(install, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return venv / "bin"
@@ -562,3 +562,38 @@ def test_every_gunicorn_we_start_reads_gunicorn_conf():
     for path, pattern in starters.items():
         assert re.search(pattern, (ROOT / path).read_text()), path
     assert (ROOT / "gunicorn.conf.py").exists()
+
+
+def pins(path: Path) -> dict[str, str]:
+    """Read name==version pins (names normalised, extras dropped) from a requirements or lock file."""
+    found = {}
+    for name, version in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)", path.read_text(), re.MULTILINE):
+        found[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return found
+
+
+@pytest.mark.parametrize(("inputs", "lock"), [("requirements.txt", "requirements.lock"), ("requirements-dev.txt", "requirements-dev.lock")])
+def test_lock_files_pin_every_package_with_hashes_and_match_their_inputs(inputs, lock):
+    """After editing a requirements*.txt, bash scripts/lock must run: the lock is what gets installed."""
+    text = (ROOT / lock).read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", text[text.index("\n", text.index("scripts/lock")) + 1 :])
+    assert len(entries) > 10
+    for entry in entries:
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", entry), entry.splitlines()[0]
+    locked = pins(ROOT / lock)
+    wanted = pins(ROOT / inputs) | (pins(ROOT / "requirements.txt") if inputs == "requirements-dev.txt" else {})
+    assert {name: locked.get(name) for name in wanted} == wanted
+    app = pins(ROOT / "requirements.lock")
+    assert {name: version for name, version in locked.items() if name in app} == app  # tests run what the image runs
+
+
+def test_every_install_uses_a_lock_file_with_hashes():
+    installs = {
+        "Dockerfile": "pip install --no-cache-dir --require-hashes -r requirements.lock",
+        "scripts/demo": "--require-hashes -r requirements.lock",
+        "scripts/test": "--require-hashes -r requirements-dev.lock",
+    }
+    for path, command in installs.items():
+        text = (ROOT / path).read_text()
+        assert command in text, path
+        assert "-r requirements.txt" not in text and "-r requirements-dev.txt" not in text, path
