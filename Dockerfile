@@ -11,9 +11,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies before the code: editing the app does not reinstall them.
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+# Dependencies before the code: editing the app does not reinstall them. The lock pins every package,
+# transitive ones included, and pip refuses any file whose hash it does not list.
+COPY requirements.lock .
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 
 # A user without a login or home to run as; the code stays root's and read-only to it.
 RUN groupadd --system --gid 10001 app \

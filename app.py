@@ -9,7 +9,7 @@ import requests
 from cryptography.fernet import Fernet, MultiFernet
 from flask import Flask, Response, current_app, g, jsonify, redirect, render_template, request, url_for
 from flask_migrate import Migrate
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -29,6 +29,7 @@ from models import db
 from provider import BackChannel, Provider, aps_endpoints, discover
 from redirects import safe_next
 from standin.inprocess import WSGIAdapter
+from standin.store import private_sqlite_file
 
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 migrate = Migrate()
@@ -135,7 +136,9 @@ def provider_unavailable(exc: tokens.RefreshUnavailable) -> tuple[Response | str
     message = "The sign-in provider is not answering right now; you are still signed in, please try again in a moment."
     if _wants_json():
         return jsonify(error="provider_unavailable", message=message), 503
-    return render_template("error.html", title="Please try again in a moment", detail=message, retry=request.full_path), 503
+    # The link repeats the request: only a local path, or a crafted one (/%5Chost) would send the person elsewhere.
+    retry = safe_next(request.full_path.rstrip("?"))
+    return render_template("error.html", title="Please try again in a moment", detail=message, retry=retry), 503
 
 
 def http_error(exc: HTTPException) -> tuple[Response | str, int]:
@@ -162,14 +165,17 @@ def _init_database(app: Flask) -> None:
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if urlsplit(uri).scheme not in ("sqlite", "postgresql", "postgresql+psycopg"):
         raise config.ConfigError("DATABASE_URL must be a sqlite:/// or postgresql+psycopg:// URL.")
-    # Test a pooled connection before use: after a database restart, a stale one would be a 500.
     options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
+    # Error messages and logs never show bound values: they are token ciphertext and email addresses.
+    options.setdefault("hide_parameters", True)
+    # Test a pooled connection before use: after a database restart, a stale one would be a 500.
     options.setdefault("pool_pre_ping", True)
     if uri.startswith("sqlite"):
         # A request waiting for another's refresh waits on the write lock, as long as a refresh may take.
         wait = app.config["PROVIDER_REFRESH_TIMEOUT"] + 2 * app.config["PROVIDER_TIMEOUT"]
         options.setdefault("connect_args", {"timeout": wait})
         os.makedirs(app.instance_path, exist_ok=True)
+        private_sqlite_file(make_url(uri).database)
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
     if uri.startswith("sqlite"):

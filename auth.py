@@ -4,6 +4,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import unicodedata
 
 from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
@@ -88,19 +89,38 @@ def callback() -> Response:
         return _failed(503, "The provider is not answering right now.", "Please try again in a moment.")
     except (InvalidGrant, ProviderRejected):
         return _failed(400, "The provider refused this sign-in.", "The link may have been used already. Please start again.")
-    subject = str(info.get("sub") or "")
-    if not subject:
-        return _failed(400, "The provider did not say who you are.", "Please start again.")
+    subject = info.get("sub")
+    subject = str(subject) if isinstance(subject, str | int) and not isinstance(subject, bool) else ""
+    if not subject or _storable(subject) != subject:
+        # The subject is the person's identity: cleaning it could make two people one. Keep nothing of the grant.
+        tokens.revoke([(grant.refresh_token, "refresh_token"), (grant.access_token, "access_token")])
+        if not subject:
+            return _failed(400, "The provider did not say who you are.", "Please start again.")
+        return _failed(400, "The provider named you in a way this app cannot store.", "Please contact the app's administrator.")
 
     if g.get("session_id_hash"):
         sessions.end(g.session_id_hash)  # a new id at every sign-in (no session fixation), live or ended
-    user = tokens.save_sign_in(subject, str(info.get("name") or ""), str(info.get("email") or ""), grant)
+    user = tokens.save_sign_in(subject, _storable(info.get("name")), _storable(info.get("email")), grant)
     cookie = sessions.start(user)
     db.session.commit()
     _prefetch_viewer_token(user)
     response = redirect(flow["next"])
     sessions.set_cookie(response, cookie, user.refresh_expires_at)
     return response
+
+
+# Claims are stored in String(255) columns.
+CLAIM_LENGTH = 255
+
+
+def _storable(claim: object) -> str:
+    """Return a text claim as the database can hold it: no control characters, no lone surrogates, 255 characters at most.
+
+    PostgreSQL refuses NUL in text, and no encoding holds a lone surrogate (JSON's "\\ud800").
+    """
+    if not isinstance(claim, str):
+        return ""
+    return "".join(c for c in claim if unicodedata.category(c) not in ("Cc", "Cs"))[:CLAIM_LENGTH]
 
 
 def _prefetch_viewer_token(user) -> None:

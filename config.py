@@ -1,5 +1,6 @@
 """Read every setting from the environment in one place, and fail fast on bad ones."""
 
+import ipaddress
 import os
 import secrets
 from collections.abc import Mapping
@@ -17,6 +18,10 @@ DEFAULT_SCOPES = {
     "oidc": "openid profile email offline_access",
 }
 
+APP_ENVS = ("development", "production")
+# A signing key shorter than this is guessable offline from one signed cookie.
+MIN_SECRET_KEY_BYTES = 32
+
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off"}
 
@@ -28,7 +33,11 @@ class ConfigError(Exception):
 def load(environ: Mapping[str, str], instance_path: str) -> dict:
     """Build the Flask config mapping from environment variables."""
     env = environ.get
-    production = env("APP_ENV", "development").lower() == "production"
+    app_env = env("APP_ENV") or "development"
+    # Exact values only: "prod" or "production " must not quietly start as development with the stand-in.
+    if app_env not in APP_ENVS:
+        raise ConfigError(f"APP_ENV must be development or production, got {app_env!r}.")
+    production = app_env == "production"
     provider = env("OAUTH_PROVIDER", "standin").lower()
     if provider not in DEFAULT_SCOPES:
         raise ConfigError("OAUTH_PROVIDER must be one of standin, autodesk, oidc.")
@@ -110,16 +119,44 @@ def check(config: Mapping) -> None:
             raise ConfigError("OAUTH_PROVIDER=standin is for development only; set APP_ENV=development or a real provider.")
         if not config["SESSION_COOKIE_SECURE"]:
             raise ConfigError("SESSION_COOKIE_SECURE must stay on in production.")
+        if len(config["SECRET_KEY"].encode()) < MIN_SECRET_KEY_BYTES:
+            raise ConfigError(f"SECRET_KEY must be at least {MIN_SECRET_KEY_BYTES} bytes in production (secrets.token_hex(32) makes one).")
+        if not config.get("OAUTH_REDIRECT_URI"):
+            # Otherwise it is built from the Host header, which the client chooses.
+            raise ConfigError("OAUTH_REDIRECT_URI must be set in production (the https://.../auth/callback registered with the provider).")
+        # Codes, tokens and the client secret travel to and from these: only over TLS, or within this machine.
+        for name in ("OAUTH_ISSUER", "OAUTH_REDIRECT_URI", "OAUTH_USERINFO_URL"):
+            if config.get(name) and not _https_or_loopback(config[name]):
+                raise ConfigError(f"{name} must use https in production (plain http only on the loopback), got {config[name]!r}.")
 
 
 def _kept_secret(instance_path: str, name: str, make) -> str:
-    """Return a development secret kept in the instance folder, creating it once."""
+    """Return a development secret kept in the instance folder, creating it once, readable by its owner only."""
     path = Path(instance_path) / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(make())
-        os.chmod(path, 0o600)
+        try:
+            # Created 0600, never readable by others even for a moment (a write then a chmod would be).
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+                file.write(make())
+        except FileExistsError:
+            pass  # another worker created it first: use theirs
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)  # left readable by an older version or a copy
     return path.read_text().strip()
+
+
+def _https_or_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_url(name: str, value: str) -> None:

@@ -13,8 +13,10 @@ python deploy/wait_for_db.py
 flask --app app db upgrade
 
 # gthread: requests mostly wait on the database and the provider, so threads are cheap concurrency.
+# gunicorn.conf.py: the access-log format (escaped paths) and no trust in X-Forwarded-* (ProxyFix decides).
 # GUNICORN_CMD_ARGS (read by gunicorn itself) adds any other option.
 exec gunicorn \
+  --config gunicorn.conf.py \
   --bind "${GUNICORN_BIND:-0.0.0.0:${PORT:-8000}}" \
   --worker-class "${GUNICORN_WORKER_CLASS:-gthread}" \
   --workers "${GUNICORN_WORKERS:-2}" \
@@ -24,6 +26,5 @@ exec gunicorn \
   --worker-tmp-dir "${GUNICORN_WORKER_TMP_DIR:-/dev/shm}" \
   --no-control-socket \
   --access-logfile - \
-  --access-logformat '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms' \
   --error-logfile - \
   'app:create_app()'

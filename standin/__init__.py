@@ -13,10 +13,11 @@ import base64
 import binascii
 import hashlib
 import time
+import unicodedata
 from collections.abc import Mapping
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
-from flask import Flask, Response, abort, jsonify, redirect, render_template, request
+from flask import Flask, Response, abort, g, jsonify, redirect, render_template, request
 from sqlalchemy import delete, select, update
 
 from standin.store import Store, access_tokens, digest, refresh_tokens
@@ -24,6 +25,10 @@ from standin.store import Store, access_tokens, digest, refresh_tokens
 REFRESH_TTL = 15 * 24 * 3600
 BROWSER_SESSION_TTL = 30 * 24 * 3600
 BROWSER_COOKIE = "standin_session"
+# The only scopes it grants: APS's that this app uses, and OpenID Connect's for the generic-provider mode.
+SCOPES = ("user-profile:read", "data:read", "data:write", "viewables:read", "openid", "profile", "email", "offline_access")
+# Without registered redirect URIs the client is the app it is embedded in: this path on the stand-in's own origin.
+OWN_ORIGIN_CALLBACK = "/auth/callback"
 SIGN_IN_FIELDS = ("client_id", "redirect_uri", "scope", "state", "code_challenge", "code_challenge_method", "nonce")
 
 
@@ -37,7 +42,7 @@ def create_app(settings: Mapping) -> Flask:
     """Create the stand-in provider from its settings.
 
     settings: issuer, clients ({client_id: secret}), redirect_uris (exact URIs allowed; empty
-    allows any http(s) URI), database_url, access_ttl, strict.
+    allows only /auth/callback on the stand-in's own origin), database_url, access_ttl, strict.
     """
     app = Flask(__name__)
     app.config["STANDIN"] = dict(settings)
@@ -50,9 +55,18 @@ def create_app(settings: Mapping) -> Flask:
         return jsonify(error=exc.error, error_description=exc.description), exc.status
 
     @app.after_request
-    def no_store(response: Response) -> Response:
+    def headers(response: Response) -> Response:
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Content-Type-Options"] = "nosniff"
+        # Its sign-in page must not be framed (clickjacking a consent) and runs no script at all. The
+        # form posts here and is redirected to the client, which form-action must allow too.
+        client = g.get("client_origin")
+        form_action = f"'self' {client}" if client else "'self'"
+        response.headers["Content-Security-Policy"] = (
+            f"default-src 'none'; style-src 'self'; form-action {form_action}; frame-ancestors 'none'; base-uri 'none'"
+        )
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
     @app.get("/.well-known/openid-configuration")
@@ -71,7 +85,7 @@ def create_app(settings: Mapping) -> Flask:
             code_challenge_methods_supported=["S256"],
             token_endpoint_auth_methods_supported=["client_secret_basic"],
             authorization_response_iss_parameter_supported=True,
-            scopes_supported=["user-profile:read", "data:read", "data:write", "viewables:read", "openid"],
+            scopes_supported=list(SCOPES),
         )
 
     @app.route("/authentication/v2/authorize", methods=["GET", "POST"])
@@ -84,7 +98,8 @@ def create_app(settings: Mapping) -> Flask:
             return _back(redirect_uri, issuer, error="unsupported_response_type", state=state)
         if params.get("code_challenge_method") != "S256" or not params.get("code_challenge"):
             return _back(redirect_uri, issuer, error="invalid_request", state=state, error_description="PKCE with S256 is required")
-        if not params.get("scope", "").split():
+        scopes = params.get("scope", "").split()
+        if not scopes or not set(scopes) <= set(SCOPES):
             return _back(redirect_uri, issuer, error="invalid_scope", state=state)
         if request.method == "GET":
             if params.get("prompt") == "none":
@@ -162,7 +177,8 @@ def create_app(settings: Mapping) -> Flask:
     def logout():
         store.end_browser_session(request.cookies.get(BROWSER_COOKIE, ""))
         target = request.args.get("post_logout_redirect_uri", "")
-        if target and (not cfg["redirect_uris"] or any(target.startswith(uri.rsplit("/", 2)[0]) for uri in cfg["redirect_uris"])):
+        # As APS: only back to where a registered callback lives, never to another site or a javascript: URL.
+        if target and _origin(target) in {_origin(uri) for uri in _registered_uris(cfg)} - {None}:
             response = redirect(target)
         else:
             response = Response(render_template("standin/signed_out.html"))
@@ -175,6 +191,10 @@ def create_app(settings: Mapping) -> Flask:
         access = store.access_token(header[7:]) if header.startswith("Bearer ") else None
         if access is None:
             return jsonify(error="invalid_token", error_description="access token unknown or expired"), 401
+        if not {"user-profile:read", "openid"} & set(access["scope"].split()):
+            # APS wants user-profile:read (OpenID Connect: openid); a viewer's narrowed token gets nothing.
+            challenge = 'Bearer error="insufficient_scope", scope="user-profile:read"'
+            return jsonify(error="insufficient_scope", error_description="user-profile:read is required"), 403, {"WWW-Authenticate": challenge}
         person = store.person(access["sub"])
         return jsonify(sub=person["sub"], name=person["name"], preferred_username=person["name"], email=person["email"], email_verified=True)
 
@@ -202,9 +222,38 @@ def _check_client_and_redirect(cfg: Mapping, params: Mapping) -> None:
     if params.get("client_id") not in cfg["clients"]:
         abort(400, "Unknown client_id.")
     uri = params.get("redirect_uri", "")
-    allowed = uri in cfg["redirect_uris"] if cfg["redirect_uris"] else uri.startswith(("http://", "https://"))
-    if not allowed:
+    if uri not in _registered_uris(cfg):
         abort(400, "redirect_uri is not registered for this client.")
+    g.client_origin = _origin(uri)
+
+
+def _registered_uris(cfg: Mapping) -> list[str]:
+    """Return the exact redirect URIs allowed; unregistered, only the embedding app's callback on this origin."""
+    if cfg["redirect_uris"]:
+        return cfg["redirect_uris"]
+    own = urlsplit(request.host_url)
+    hosts = [own.netloc]
+    if own.hostname in ("localhost", "127.0.0.1", "::1"):
+        # The demo may be opened as 127.0.0.1 while its issuer says localhost: the same server, same port.
+        port = f":{own.port}" if own.port else ""
+        hosts = [f"{host}{port}" for host in ("localhost", "127.0.0.1", "[::1]")]
+    return [f"{own.scheme}://{host}{OWN_ORIGIN_CALLBACK}" for host in hosts]
+
+
+def _origin(url: str) -> str | None:
+    """Return scheme://host[:port] of an http(s) URL, or None for anything else (credentials, bad port, control characters)."""
+    if "\\" in url or any(c.isspace() or unicodedata.category(c) == "Cc" for c in url):
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        return None
+    default = 443 if parts.scheme == "https" else 80
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
 
 
 def _back(redirect_uri: str, issuer: str, **params: str) -> Response:

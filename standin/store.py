@@ -1,5 +1,6 @@
 """The stand-in provider's own storage: codes, tokens, people, counters and injected faults."""
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -117,8 +118,9 @@ class Store:
 
     def __init__(self, url: str):
         connect_args = {"timeout": 30, "check_same_thread": False} if url.startswith("sqlite") else {}
-        self.engine = create_engine(url, connect_args=connect_args)
+        self.engine = create_engine(url, connect_args=connect_args, hide_parameters=True)
         if url.startswith("sqlite"):
+            private_sqlite_file(self.engine.url.database)
             event.listen(self.engine, "connect", _sqlite_wal)
         metadata.create_all(self.engine)
 
@@ -259,6 +261,18 @@ class Store:
                 return None
             conn.execute(update(faults).where(faults.c.id == row["id"]).values(remaining=faults.c.remaining - 1, taken_by=os.getpid()))
         return dict(row)
+
+
+def private_sqlite_file(path: str | None) -> None:
+    """Create a SQLite database file readable by its owner only, before SQLite creates it with the umask's mode.
+
+    SQLite gives the -wal and -shm files the database file's mode, so they stay private too.
+    """
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    # An existing database keeps its mode; a missing folder is SQLite's error to report.
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _sqlite_wal(dbapi_connection, _record) -> None:

@@ -20,6 +20,10 @@ from config import TRUE
 
 def create_app(environ: Mapping[str, str] = os.environ) -> DispatcherMiddleware:
     """Create the stand-in from STANDIN_* variables, mounted at its issuer's path."""
+    app_env = environ.get("APP_ENV") or "development"
+    if app_env != "development":
+        # Anyone can sign in to it as anyone: it must never run where real people sign in.
+        raise SystemExit(f"Configuration error: the stand-in provider is for development only; it refuses APP_ENV={app_env!r}.")
     issuer = (environ.get("STANDIN_ISSUER") or "").rstrip("/")
     mount = urlsplit(issuer).path
     if not issuer.startswith(("http://", "https://")) or not mount:

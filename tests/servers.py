@@ -51,7 +51,9 @@ class Gunicorn:
 
     def __init__(self, env: dict, port: int, log_path: Path, workers: int = 3, threads: int = 4):
         self.env, self.port, self.log_path = env, port, log_path
-        self.args = ["--no-control-socket", "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads), "--timeout", "60"]
+        # gunicorn.conf.py: the image's access-log format and forwarded-header policy.
+        self.args = ["--config", "gunicorn.conf.py", "--no-control-socket", "--bind", f"127.0.0.1:{port}"]
+        self.args += ["--workers", str(workers), "--threads", str(threads), "--timeout", "60"]
         self.process: subprocess.Popen | None = None
 
     @property

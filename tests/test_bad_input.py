@@ -4,14 +4,15 @@ and the signed-in person's session and stored refresh token survive every one of
 import re
 import secrets
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import responses
 from itsdangerous import Signer, TimestampSigner, URLSafeTimedSerializer
+from sqlalchemy.exc import IntegrityError
 
 from conftest import callback_params, sign_in, stored_user
-from models import UserSession, db, utcnow
+from models import User, UserSession, db, utcnow
 from redirects import safe_next
 
 SECRET = "test-secret"  # conftest's SECRET_KEY
@@ -347,3 +348,80 @@ def test_unusable_code_exchange_reply_gets_a_clear_answer(http_provider, reply, 
     assert "<h1" in failed.get_data(as_text=True)
     assert ada.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
     assert stored_user(app).refresh_token == before.refresh_token == "rt-2"
+
+
+REVOKE_URL = f"{APS}/authentication/v2/revoke"
+FRESH_GRANT = GRANT | {"access_token": "at-bad", "refresh_token": "rt-bad"}
+
+
+def callback_with_userinfo(app, body: str):
+    """Sign a new browser in through the APS-like provider, whose userinfo answers body (raw JSON text)."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as provider:
+        provider.post(TOKEN_URL, json=FRESH_GRANT)
+        provider.post(TOKEN_URL, json=FRESH_GRANT | {"access_token": "viewer-bad", "refresh_token": "rt-bad-2"})
+        provider.get(f"{APS}/userinfo", body=body, content_type="application/json")
+        provider.post(REVOKE_URL, body="")
+        reply = http_callback(app.test_client(), "another-code")
+        revoked = {parse_qs(call.request.body)["token"][0] for call in provider.calls if call.request.url == REVOKE_URL}
+    return reply, revoked
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        r'{"sub": "mallory\u0000", "name": "Mallory", "email": "m@example.com"}',
+        r'{"sub": "mallory\ud800", "name": "Mallory", "email": "m@example.com"}',
+        r'{"sub": "mallory\nadmin", "name": "Mallory", "email": "m@example.com"}',
+        '{"sub": "' + "m" * 256 + '", "name": "Mallory", "email": "m@example.com"}',
+        '{"sub": "", "name": "Mallory", "email": "m@example.com"}',
+        '{"name": "Mallory", "email": "m@example.com"}',
+    ],
+    ids=["NUL", "lone surrogate", "newline", "256 characters", "empty", "missing"],
+)
+def test_unstorable_subject_is_refused_and_its_grant_revoked(http_provider, caplog, body):
+    """The subject is the person's identity: altering it could merge two people, so such a sign-in is refused."""
+    app, ada = http_provider
+    reply, revoked = callback_with_userinfo(app, body)
+    assert reply.status_code == 400
+    assert "<h1" in reply.get_data(as_text=True)
+    assert revoked == {"rt-bad", "at-bad"}  # nothing of the grant we do not keep stays alive
+    with app.app_context():
+        assert db.session.execute(db.select(db.func.count()).select_from(User)).scalar_one() == 1
+    assert ada.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("body", "name", "email"),
+    [
+        (r'{"sub": "grace", "name": "Grace\u0000 Hopper", "email": "grace\u0000@example.com"}', "Grace Hopper", "grace@example.com"),
+        (r'{"sub": "grace", "name": "Grace \ud800Hopper\u001b[2J", "email": "grace@example.com\udfff"}', "Grace Hopper[2J", "grace@example.com"),
+        ('{"sub": "grace", "name": "' + "G" * 300 + '", "email": null}', "G" * 255, ""),
+        ('{"sub": 1234, "name": ["Grace"], "email": {"x": 1}}', "", ""),
+    ],
+    ids=["NUL", "lone surrogates and escape", "300 characters", "not text"],
+)
+def test_unstorable_name_and_email_are_cleaned(http_provider, caplog, body, name, email):
+    """Name and email are only shown: the person signs in, with what the database can hold."""
+    app, _ada = http_provider
+    reply, revoked = callback_with_userinfo(app, body)
+    assert reply.status_code == 302, reply.get_data(as_text=True)
+    assert revoked == set()
+    with app.app_context():
+        grace = db.session.execute(db.select(User).where(User.subject.in_(["grace", "1234"]))).scalar_one()
+        assert (grace.name, grace.email) == (name, email)
+    assert "Traceback" not in caplog.text
+
+
+def test_database_errors_never_write_bound_values_to_the_log(app):
+    """A failed statement's message names no parameter: they hold token ciphertext and email addresses."""
+    with app.app_context():
+        db.session.add(User(subject="twice", email="first@example.com", refresh_token="refresh-token-value"))
+        db.session.commit()
+        db.session.add(User(subject="twice", email="second-secret@example.com", refresh_token="another-refresh-token"))
+        with pytest.raises(IntegrityError) as failed:
+            db.session.commit()
+        db.session.rollback()
+    message = str(failed.value)
+    assert "second-secret" not in message
+    assert "gAAAA" not in message  # Fernet ciphertext of the refresh token

@@ -147,7 +147,7 @@ def test_dockerfile_follows_the_deployment_rules():
     kinds = [kind for kind, _ in steps]
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", steps[0][1])  # pinned to a patch release
     copies = [args for kind, args in steps if kind == "COPY"]
-    assert copies[0] == "requirements.txt ." and copies[-1] == ". ."
+    assert copies[0] == "requirements.lock ." and copies[-1] == ". ."
     assert kinds.index("RUN") < [i for i, (k, a) in enumerate(steps) if k == "COPY" and a == ". ."][0]  # deps first
     user = next(args for kind, args in steps if kind == "USER")
     assert user.split(":")[0] not in ("0", "root") and kinds.index("USER") < kinds.index("ENTRYPOINT")
@@ -272,10 +272,10 @@ def test_without_the_back_channel_the_code_exchange_cannot_reach_the_provider(ap
 
 @pytest.fixture(scope="session")
 def image_venv(tmp_path_factory) -> Path:
-    """A new virtual environment with only requirements.txt, as the image installs it (once per run)."""
+    """A new virtual environment with only requirements.lock, as the image installs it (once per run)."""
     venv = tmp_path_factory.mktemp("image-venv")
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
-    install = [venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", "-r", ROOT / "requirements.txt"]
+    install = [venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", "--require-hashes", "-r", ROOT / "requirements.lock"]
     done = subprocess.run(install, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return venv / "bin"
@@ -454,7 +454,17 @@ def test_sign_in_through_nginx_with_two_replicas_and_a_separate_standin(tmp_path
     started: list = []
     try:
         standin_server = Started(
-            [BIN / "gunicorn", "--bind", f"127.0.0.1:{standin_port}", "--threads", "4", "--no-control-socket", "standin.wsgi:create_app()"],
+            [
+                BIN / "gunicorn",
+                "--config",
+                ROOT / "gunicorn.conf.py",
+                "--bind",
+                f"127.0.0.1:{standin_port}",
+                "--threads",
+                "4",
+                "--no-control-socket",
+                "standin.wsgi:create_app()",
+            ],
             standin_env | {"PYTHONPATH": str(ROOT)},
             tmp_path / "standin.log",
         )
@@ -480,3 +490,110 @@ def test_sign_in_through_nginx_with_two_replicas_and_a_separate_standin(tmp_path
             server.stop()
     served = [(tmp_path / f"app-{port}.log").read_text().count("/api/profile") for port in app_ports]
     assert all(served), served
+
+
+# --- The image's gunicorn settings (gunicorn.conf.py), run through the entrypoint in this virtual environment ---
+
+
+@pytest.fixture(scope="module")
+def entrypoint_server(tmp_path_factory):
+    """deploy/entrypoint.sh serving on SQLite with the embedded stand-in, no proxy in front (TRUSTED_PROXY_COUNT unset)."""
+    folder = tmp_path_factory.mktemp("entrypoint")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = container_env(
+        BIN,
+        folder,
+        port,
+        APP_ENV="development",
+        DATABASE_URL=f"sqlite:///{folder / 'app.sqlite'}",
+        SECRET_KEY="entrypoint-test-secret",
+        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
+        OAUTH_ISSUER=f"{base}/standin",
+        SESSION_COOKIE_SECURE="false",
+        STANDIN_DATABASE_URL=f"sqlite:///{folder / 'standin.sqlite'}",
+        GUNICORN_WORKERS="1",
+        GUNICORN_THREADS="2",
+        GUNICORN_WORKER_TMP_DIR=str(folder),
+    )
+    server = Started([ROOT / "deploy" / "entrypoint.sh"], env, folder / "entrypoint.log")
+    try:
+        server.wait_until(f"{base}/healthz")
+        yield base, server
+    finally:
+        server.stop()
+
+
+def test_access_log_writes_one_line_per_request_whatever_the_path(entrypoint_server):
+    """A %0a in a path must not start a forged line (here a sign-out everywhere from another address)."""
+    base, server = entrypoint_server
+    forged = "/x%0a203.0.113.9%20[01/Jan/2030:00:00:00%20+0000]%20%22POST%20/auth/logout-everywhere%20HTTP/1.1%22%20302%200%201ms%1b[2J%0d%22"
+    assert requests.get(base + forged, timeout=10).status_code == 404
+    deadline = time.monotonic() + 10
+    while "logout-everywhere" not in (log := server.log.read_text()):
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.2)
+    lines = log.splitlines()
+    access = [line for line in lines if "logout-everywhere" in line]
+    assert len(access) == 1, access
+    assert access[0].startswith("127.0.0.1 ") and '"GET /x%0A203.0.113.9' in access[0], access[0]
+    assert not any(line.startswith("203.0.113.9") for line in lines)
+    assert "\x1b" not in log and "\r" not in log
+    assert access[0].count('"') == 2  # the quoted request field cannot be closed early
+
+
+def test_gunicorn_does_not_believe_forwarded_headers_without_a_trusted_proxy(entrypoint_server):
+    """With TRUSTED_PROXY_COUNT=0 nobody may turn the redirect URI into https; ProxyFix is the one place that decides."""
+    base, _server = entrypoint_server
+    for header in ({"X-Forwarded-Proto": "https"}, {"X-Forwarded-Ssl": "on"}, {"X-Forwarded-Protocol": "ssl"}):
+        login = requests.get(f"{base}/auth/login", headers=header, allow_redirects=False, timeout=10)
+        assert login.status_code == 302, header
+        assert parse_qs(urlsplit(login.headers["Location"]).query)["redirect_uri"] == [f"{base}/auth/callback"], header
+
+
+def test_every_gunicorn_we_start_reads_gunicorn_conf():
+    """The image, the compose stand-in, the demo and the tests log and trust alike (the demo binds a fixed port, so it is read, not run)."""
+    starters = {
+        "deploy/entrypoint.sh": r"exec gunicorn \\\s*--config gunicorn\.conf\.py",
+        "scripts/demo": r"exec \.venv/bin/gunicorn --config gunicorn\.conf\.py ",
+        "docker-compose.yml": r'command: \["gunicorn", "--config", "gunicorn\.conf\.py",',
+        "tests/servers.py": r'\["--config", "gunicorn\.conf\.py",',
+    }
+    for path, pattern in starters.items():
+        assert re.search(pattern, (ROOT / path).read_text()), path
+    assert (ROOT / "gunicorn.conf.py").exists()
+
+
+def pins(path: Path) -> dict[str, str]:
+    """Read name==version pins (names normalised, extras dropped) from a requirements or lock file."""
+    found = {}
+    for name, version in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)", path.read_text(), re.MULTILINE):
+        found[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return found
+
+
+@pytest.mark.parametrize(("inputs", "lock"), [("requirements.txt", "requirements.lock"), ("requirements-dev.txt", "requirements-dev.lock")])
+def test_lock_files_pin_every_package_with_hashes_and_match_their_inputs(inputs, lock):
+    """After editing a requirements*.txt, bash scripts/lock must run: the lock is what gets installed."""
+    text = (ROOT / lock).read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", text[text.index("\n", text.index("scripts/lock")) + 1 :])
+    assert len(entries) > 10
+    for entry in entries:
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", entry), entry.splitlines()[0]
+    locked = pins(ROOT / lock)
+    wanted = pins(ROOT / inputs) | (pins(ROOT / "requirements.txt") if inputs == "requirements-dev.txt" else {})
+    assert {name: locked.get(name) for name in wanted} == wanted
+    app = pins(ROOT / "requirements.lock")
+    assert {name: version for name, version in locked.items() if name in app} == app  # tests run what the image runs
+
+
+def test_every_install_uses_a_lock_file_with_hashes():
+    installs = {
+        "Dockerfile": "pip install --no-cache-dir --require-hashes -r requirements.lock",
+        "scripts/demo": "--require-hashes -r requirements.lock",
+        "scripts/test": "--require-hashes -r requirements-dev.lock",
+    }
+    for path, command in installs.items():
+        text = (ROOT / path).read_text()
+        assert command in text, path
+        assert "-r requirements.txt" not in text and "-r requirements-dev.txt" not in text, path

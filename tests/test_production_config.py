@@ -22,12 +22,13 @@ def production(monkeypatch, tmp_path):
             monkeypatch.delenv(name)
     values = {
         "APP_ENV": "production",
-        "SECRET_KEY": "a-production-secret",
+        "SECRET_KEY": "a-production-secret-of-32-bytes!",
         "TOKEN_ENCRYPTION_KEYS": TEST_KEY,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'app.sqlite'}",
         "OAUTH_PROVIDER": "autodesk",
         "OAUTH_CLIENT_ID": "aps-client",
         "OAUTH_CLIENT_SECRET": "aps-secret",
+        "OAUTH_REDIRECT_URI": "https://signin.example/auth/callback",
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -55,6 +56,11 @@ def test_production_starts_with_secure_cookies(production):
         ({"OAUTH_CLIENT_SECRET": None}, "OAUTH_CLIENT_SECRET must be set"),
         ({"TRUSTED_PROXY_COUNT": "one"}, "TRUSTED_PROXY_COUNT must be a whole number"),
         ({"OAUTH_BACKCHANNEL_URL": "standin:8000"}, "OAUTH_BACKCHANNEL_URL must be an absolute http(s) URL"),
+        ({"SECRET_KEY": "x" * 31}, "SECRET_KEY must be at least 32 bytes in production"),
+        ({"OAUTH_REDIRECT_URI": None}, "OAUTH_REDIRECT_URI must be set in production"),
+        ({"OAUTH_REDIRECT_URI": "http://signin.example/auth/callback"}, "OAUTH_REDIRECT_URI must use https in production"),
+        ({"OAUTH_ISSUER": "http://developer.api.autodesk.com"}, "OAUTH_ISSUER must use https in production"),
+        ({"OAUTH_USERINFO_URL": "http://api.userprofile.autodesk.com/userinfo"}, "OAUTH_USERINFO_URL must use https in production"),
     ],
 )
 def test_production_refuses_unsafe_settings_with_one_sentence(production, change, sentence):
@@ -115,3 +121,49 @@ def test_forwarded_headers_are_ignored_without_a_trusted_proxy(tmp_path):
     app = create_app(make_config(tmp_path, f"sqlite:///{tmp_path / 'app.sqlite'}"))
     assert app.config["TRUSTED_PROXY_COUNT"] == 0
     assert login_redirect_uri(app, **FORWARDED) == "http://localhost/auth/callback"
+
+
+@pytest.mark.parametrize("value", ["prod", "Production", " production", "production ", "staging", "test", "PRODUCTION"])
+def test_app_env_other_than_development_or_production_stops_start_up(production, value):
+    """A near miss of production must not start as development, with the stand-in mounted."""
+    production.setenv("APP_ENV", value)
+    production.setenv("OAUTH_PROVIDER", "standin")
+    with pytest.raises(SystemExit) as stopped:
+        create_app()
+    assert str(stopped.value) == f"Configuration error: APP_ENV must be development or production, got {value!r}."
+
+
+def test_unset_or_empty_app_env_means_development(production):
+    production.setenv("OAUTH_PROVIDER", "standin")
+    production.setenv("APP_ENV", "")
+    assert create_app().config["APP_ENV"] == "development"
+    production.delenv("APP_ENV")
+    assert create_app().config["APP_ENV"] == "development"
+
+
+@pytest.mark.parametrize("uri", ["http://localhost:8000/auth/callback", "http://127.0.0.1:8000/auth/callback", "http://[::1]:8000/auth/callback"])
+def test_production_allows_plain_http_only_on_the_loopback(production, uri):
+    """Behind a TLS proxy on the same machine, or trying production locally, the loopback carries no traffic off the host."""
+    production.setenv("OAUTH_REDIRECT_URI", uri)
+    production.setenv("OAUTH_ISSUER", "http://127.0.0.1:9000")
+    assert create_app().config["OAUTH_REDIRECT_URI"] == uri
+
+
+@pytest.mark.parametrize("value", ["production", "prod", "staging", " production"])
+def test_standalone_standin_refuses_production(tmp_path, value):
+    """standin.wsgi (the compose demo's provider) anyone can sign in to as anyone: never outside development."""
+    from standin import wsgi
+
+    environ = {"APP_ENV": value, "STANDIN_ISSUER": "https://signin.example/standin", "STANDIN_DATABASE_URL": f"sqlite:///{tmp_path / 's.sqlite'}"}
+    with pytest.raises(SystemExit) as stopped:
+        wsgi.create_app(environ)
+    assert str(stopped.value).startswith("Configuration error: the stand-in provider is for development only")
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_standalone_standin_runs_in_development(tmp_path):
+    from standin import wsgi
+
+    for environ in ({}, {"APP_ENV": "development"}, {"APP_ENV": ""}):
+        environ = environ | {"STANDIN_ISSUER": "http://localhost:8080/standin", "STANDIN_DATABASE_URL": f"sqlite:///{tmp_path / 's.sqlite'}"}
+        assert wsgi.create_app(environ) is not None

@@ -1,16 +1,20 @@
 """Cookies, headers, session fixation and lifetime, token leaks and sign-in rate limits."""
 
+import html
 import logging
+import os
 import re
 import time
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import pytest
 
+import config
 import limits
-from conftest import expire_access_token, sign_in, stored_user
+from app import create_app
+from conftest import expire_access_token, make_config, migrate_fresh, sign_in, stored_user
 from models import UserSession, db, utcnow
 from sessions import RESUME_GRACE
 
@@ -237,3 +241,67 @@ def test_pages_need_no_inline_script(app, client):
         assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page), path
         assert not re.search(r"\son[a-z]+\s*=", page, re.IGNORECASE), path
         assert "javascript:" not in page.lower(), path
+
+
+def try_again_link(page: str) -> str:
+    match = re.search(r'<a class="button primary" href="([^"]*)">Try again</a>', page)
+    assert match, page
+    return html.unescape(match.group(1))
+
+
+@pytest.mark.parametrize("path", ["/%5Cevil.example/", "/%09/evil.example", "/%5C%5Cevil.example", "/%0d%0a/evil.example", "/\\evil.example"])
+def test_try_again_on_the_503_page_never_leaves_the_site(app, client, standin, path):
+    """The link is built from the request's path; browsers read a backslash or a tab-led path as another host."""
+    sign_in(client)
+    standin.inject("5xx")
+    expire_access_token(app)
+    reply = client.get(path)
+    assert reply.status_code == 503
+    link = try_again_link(reply.get_data(as_text=True))
+    as_browsers_read_it = re.sub(r"[\t\n\r]", "", link).replace("\\", "/")
+    assert as_browsers_read_it.startswith("/") and not as_browsers_read_it.startswith("//"), link
+    assert urlsplit(urljoin("http://localhost/", as_browsers_read_it)).netloc == "localhost", link
+
+
+def test_try_again_on_the_503_page_returns_to_the_same_local_page(app, client, standin):
+    sign_in(client)
+    standin.inject("5xx")
+    expire_access_token(app)
+    reply = client.get("/devices?tab=all")
+    assert reply.status_code == 503
+    assert try_again_link(reply.get_data(as_text=True)) == "/devices?tab=all"
+
+
+@pytest.fixture
+def umask_022():
+    """The usual umask, under which new files are readable by everyone unless created otherwise."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_development_sqlite_files_are_private(tmp_path, umask_022):
+    """The databases hold encrypted tokens and everyone's sessions; SQLite gives -wal and -shm the database's mode."""
+    app = create_app(make_config(tmp_path, f"sqlite:///{tmp_path / 'app.sqlite'}"))
+    migrate_fresh(app)
+    client = app.test_client()
+    sign_in(client)
+    assert client.get("/api/session").status_code == 200
+    files = [path for path in tmp_path.iterdir() if path.name.startswith(("app.sqlite", "standin.sqlite"))]
+    assert {path.name for path in files} >= {"app.sqlite", "standin.sqlite"}
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o600, path.name
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_kept_development_secrets_are_private(tmp_path, umask_022):
+    """Secrets kept in the instance folder are the owner's alone, also when an older run left them readable."""
+    config.load({}, str(tmp_path / "instance"))
+    kept = [tmp_path / "instance" / "secret_key", tmp_path / "instance" / "token_keys"]
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in kept)
+    for path in kept:
+        path.chmod(0o644)
+    again = config.load({}, str(tmp_path / "instance"))
+    assert again["SECRET_KEY"] == kept[0].read_text().strip()
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in kept)

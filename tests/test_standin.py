@@ -249,3 +249,169 @@ def test_injected_faults_hit_the_next_token_request_only(provider, kind):
     provider.store.inject(kind)
     assert refresh(provider, body["refresh_token"]).status_code in (400, 503)
     assert refresh(provider, body["refresh_token"]).status_code == 200  # the fault did not consume the token
+
+
+# --- As strict as APS where a browser is involved: redirects, framing, scopes ----------------------------
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    """The stand-in as the app embeds it without OAUTH_REDIRECT_URI: no redirect URI registered."""
+    app = standin.create_app(
+        {
+            "issuer": "http://localhost/standin",
+            "clients": {"app": "s3cret"},
+            "redirect_uris": [],
+            "database_url": f"sqlite:///{tmp_path / 'standin.sqlite'}",
+            "access_ttl": 3599,
+            "strict": False,
+        }
+    )
+    app.store = app.extensions["standin_store"]
+    return app
+
+
+def authorize_params(redirect_uri: str, **extra: str) -> dict:
+    return {
+        "client_id": "app",
+        "redirect_uri": redirect_uri,
+        "scope": SCOPE,
+        "state": "s",
+        "code_challenge": CHALLENGE,
+        "code_challenge_method": "S256",
+    } | extra
+
+
+def logout(provider, target: str):
+    return provider.test_client().get("/authentication/v2/logout", query_string={"post_logout_redirect_uri": target})
+
+
+UNSAFE_LOGOUT_TARGETS = [
+    "javascript:alert(document.domain)",
+    "data:text/html,<script>alert(1)</script>",
+    "http://evil.example/phish",
+    "http://app.test@evil.example/phish",
+    "http://app.test:80@evil.example/phish",
+    "http://app.test:x@evil.example/phish",
+    "http://app.test.evil.example/phish",
+    "https://app.test/",  # another origin: the scheme differs
+    "http://app.test:8080/",
+    "//evil.example/phish",
+    "/\\evil.example/phish",
+    "http://app.test\\@evil.example/",
+    "http://app.test:99999/",
+    "http://app.test:port/",
+    " http://evil.example/",
+    "http://app.test/\n",
+]
+
+
+@pytest.mark.parametrize("target", UNSAFE_LOGOUT_TARGETS)
+def test_logout_redirects_only_to_a_registered_origin(provider, target):
+    reply = logout(provider, target)
+    assert reply.status_code == 200 and "Location" not in reply.headers
+    assert b"Signed out" in reply.data
+
+
+@pytest.mark.parametrize(
+    "target", ["javascript:alert(document.domain)", "http://evil.example/phish", "http://localhost@evil.example/", "http://localhost:99999/"]
+)
+def test_logout_without_registered_uris_redirects_only_to_its_own_origin(embedded, target):
+    reply = logout(embedded, target)
+    assert reply.status_code == 200 and "Location" not in reply.headers
+
+
+@pytest.mark.parametrize("target", ["http://app.test/", "http://app.test/signed-out?from=standin", "http://APP.test:80/"])
+def test_logout_redirects_to_the_client_s_own_origin(provider, target):
+    reply = logout(provider, target)
+    assert reply.status_code == 302 and reply.headers["Location"].lower() == target.lower()
+
+
+def test_logout_without_registered_uris_redirects_to_its_own_origin(embedded):
+    assert logout(embedded, "http://localhost/").headers["Location"] == "http://localhost/"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://evil.example/auth/callback",
+        "http://localhost/elsewhere",
+        "http://localhost:8080/auth/callback",
+        "https://localhost/auth/callback",
+        "http://localhost@evil.example/auth/callback",
+        "javascript:alert(1)",
+    ],
+)
+def test_authorize_without_registered_uris_never_redirects_elsewhere(embedded, uri):
+    """Errors included: an unregistered redirect_uri gets a page, whatever else is wrong with the request."""
+    client = embedded.test_client()
+    for params in (authorize_params(uri), authorize_params(uri, response_type="token"), authorize_params(uri, code_challenge_method="plain")):
+        reply = client.get("/authentication/v2/authorize", query_string=params)
+        assert reply.status_code == 400 and "Location" not in reply.headers, params
+    reply = client.post("/authentication/v2/authorize", query_string=authorize_params(uri), data={"name": "Ada"})
+    assert reply.status_code == 400 and "Location" not in reply.headers
+
+
+@pytest.mark.parametrize("uri", ["http://localhost/auth/callback", "http://127.0.0.1/auth/callback"])
+def test_authorize_without_registered_uris_accepts_the_app_on_its_own_origin(embedded, uri):
+    """Reached as localhost, its loopback aliases count as its own origin: the demo opened as 127.0.0.1 still signs in."""
+    client = embedded.test_client()
+    params = authorize_params(uri)
+    assert client.get("/authentication/v2/authorize", query_string=params).status_code == 200
+    reply = client.post("/authentication/v2/authorize", query_string=params, data={"name": "Ada"})
+    assert reply.headers["Location"].startswith(f"{uri}?code=")
+
+
+@pytest.mark.parametrize("uri", ["http://localhost:99999/auth/callback", "http://localhost:port/auth/callback", "http://[::1/auth/callback"])
+def test_malformed_redirect_uri_gets_a_400_not_a_500(embedded, uri):
+    client = embedded.test_client()
+    for params in (authorize_params(uri), authorize_params(uri, response_type="token")):
+        reply = client.get("/authentication/v2/authorize", query_string=params)
+        assert reply.status_code == 400 and "Location" not in reply.headers
+    assert logout(embedded, uri).status_code == 200
+
+
+def test_pages_cannot_be_framed_and_leak_no_referrer(provider):
+    client = provider.test_client()
+    pages = [
+        client.get("/authentication/v2/authorize", query_string=authorize_params(REDIRECT)),
+        client.get("/authentication/v2/logout"),
+        client.get("/authentication/v2/authorize", query_string=authorize_params("http://evil.test/cb")),
+    ]
+    for reply in pages:
+        csp = reply.headers["Content-Security-Policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp and "base-uri 'none'" in csp
+        assert "unsafe-inline" not in csp and "script-src" not in csp
+        assert reply.headers["X-Frame-Options"] == "DENY"
+        assert reply.headers["Referrer-Policy"] == "no-referrer"
+    sign_in_page = pages[0]
+    assert "form-action 'self' http://app.test;" in sign_in_page.headers["Content-Security-Policy"] + ";"
+    assert b"<style" not in sign_in_page.data  # the styles come from a file the CSP allows
+    stylesheet = client.get("/static/standin.css")
+    assert stylesheet.status_code == 200 and b"font-family" in stylesheet.data
+    stylesheet.close()
+
+
+def test_userinfo_needs_the_user_profile_read_scope(provider):
+    """APS answers userinfo only for user-profile:read; the viewer's narrowed token is refused."""
+    body = signed_in(provider)
+    viewer = refresh(provider, body["refresh_token"], scope="viewables:read").json
+    reply = provider.test_client().get("/userinfo", headers={"Authorization": f"Bearer {viewer['access_token']}"})
+    assert reply.status_code == 403 and reply.json["error"] == "insufficient_scope"
+    assert 'error="insufficient_scope"' in reply.headers["WWW-Authenticate"]
+    full = refresh(provider, viewer["refresh_token"]).json
+    assert provider.test_client().get("/userinfo", headers={"Authorization": f"Bearer {full['access_token']}"}).status_code == 200
+
+
+@pytest.mark.parametrize("scope", ["admin:everything", "data:read admin:everything", "data:read data:read:all", "user-profile:read\x00"])
+def test_authorize_grants_only_the_scopes_it_advertises(provider, scope):
+    client = provider.test_client()
+    params = authorize_params(REDIRECT, scope=scope)
+    for reply in (
+        client.get("/authentication/v2/authorize", query_string=params),
+        client.post("/authentication/v2/authorize", query_string=params, data={"name": "Ada"}),
+    ):
+        query = parse_qs(urlsplit(reply.headers["Location"]).query)
+        assert query["error"] == ["invalid_scope"] and "code" not in query
+    advertised = client.get("/.well-known/openid-configuration").json["scopes_supported"]
+    assert "admin:everything" not in advertised and set(SCOPE.split()) <= set(advertised)
