@@ -109,6 +109,9 @@
       root.classList.remove("flash");
       void root.offsetWidth; // restart the highlight animation
       root.classList.add("flash");
+    } else if (access.outcome === "lost_rotation") {
+      say("At " + when + " the provider rotated your refresh token but its reply was lost, so that sign-in ended;" +
+          " you were signed in again through the provider.", "warn");
     } else {
       say("A refresh at " + when + " ended with " + access.outcome + ".", "warn");
     }

@@ -184,3 +184,66 @@ def test_two_devices_keep_working_after_expiry_and_one_ends_the_other(server, br
     expect(laptop.locator("#live-status")).to_contain_text("Silently refreshed", timeout=WAIT_MS)
     laptop.context.close()
     phone.context.close()
+
+
+def _app_db(server, sql: str, *params) -> None:
+    """Change the app's own SQLite database under the running server, as time passing would."""
+    import sqlite3
+
+    with sqlite3.connect(server.folder / "app.sqlite") as conn:
+        if "cookie_expires_at" in sql and "cookie_expires_at" not in {row[1] for row in conn.execute("PRAGMA table_info(user_sessions)")}:
+            return  # a schema from before the sliding cookie: nothing to rewrite
+        conn.execute(sql, params)
+
+
+def _stamp(moment) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")  # how SQLAlchemy keeps a UTC datetime in SQLite
+
+
+def test_dead_grant_resumes_silently_on_the_same_page(server, browser):
+    """The refresh token is killed at the provider: the next page load lands on the same page, signed in, no form."""
+    from playwright.sync_api import expect
+
+    from standin.store import Store, digest, refresh_tokens
+
+    page = new_page(browser)
+    sign_in(page, server.url, "Silent Sam", "/devices")
+    store = Store(server.env["STANDIN_DATABASE_URL"])
+    with store.transaction() as conn:
+        conn.execute(refresh_tokens.update().where(refresh_tokens.c.sub == digest("silent sam")[:24]).values(status="revoked"))
+    _app_db(server, "UPDATE users SET access_expires_at = '2000-01-01 00:00:00.000000' WHERE name = ?", "Silent Sam")
+    authorize = []
+    page.on("response", lambda r: authorize.append(r.status) if "/authentication/v2/authorize" in r.url else None)
+
+    page.goto(server.url + "/session?from=bookmark")
+    page.wait_for_url(server.url + "/session?from=bookmark")
+    expect(page.get_by_role("heading", level=1)).to_have_text("What keeps you signed in")
+    assert page.request.get(server.url + "/api/session").json()["user"]["name"] == "Silent Sam"
+    assert authorize == [302]  # through the provider once, which answered without showing its form
+    expect(page.get_by_label("Your name")).to_have_count(0)
+    shot(page, "silent-re-sign-in")
+
+
+def test_cookie_expiry_follows_the_rotations(server, browser):
+    """A cookie set 14 days ago is re-issued when a rotation moves the session on: no sign-out on day 15."""
+    from datetime import UTC, datetime, timedelta
+
+    from playwright.sync_api import expect
+
+    page = new_page(browser)
+    sign_in(page, server.url, "Daily Dora", "/")
+    # Fourteen days later: the session, the grant and the cookie all end tomorrow.
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    (cookie,) = [c for c in page.context.cookies() if c["name"] == "session"]
+    page.context.add_cookies([cookie | {"expires": (tomorrow + timedelta(days=30)).timestamp()}])
+    _app_db(server, "UPDATE users SET refresh_expires_at = ?, access_expires_at = '2000-01-01 00:00:00.000000' WHERE name = ?", _stamp(tomorrow), "Daily Dora")
+    _app_db(server, "UPDATE user_sessions SET expires_at = ? WHERE user_id = (SELECT id FROM users WHERE name = ?)", _stamp(tomorrow), "Daily Dora")
+    _app_db(
+        server, "UPDATE user_sessions SET cookie_expires_at = expires_at WHERE 'cookie_expires_at' IN (SELECT name FROM pragma_table_info('user_sessions'))"
+    )
+
+    page.goto(server.url + "/session")  # the access token is due: this load rotates the refresh token
+    expect(page.get_by_role("heading", level=1)).to_have_text("What keeps you signed in")
+    (cookie,) = [c for c in page.context.cookies() if c["name"] == "session"]
+    days_left = (cookie["expires"] - datetime.now(UTC).timestamp()) / 86400
+    assert days_left > 44, f"the cookie still ends in {days_left:.1f} days"  # 15 days of grant + 30 of resume grace

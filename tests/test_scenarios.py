@@ -2,6 +2,8 @@
 
 import threading
 
+import pytest
+
 from conftest import expire_access_token, sign_in, stored_user
 
 
@@ -132,3 +134,24 @@ def test_cannot_end_another_persons_session(app):
         ada = db.session.execute(db.select(UserSession.id_hash).join(User).where(User.name == "Ada Lovelace")).scalar_one()
     assert b.post("/auth/sessions/end", data={"csrf_token": _csrf(b), "session": ada}).status_code == 404
     assert a.get("/api/session").status_code == 200
+
+
+@pytest.mark.parametrize("how", ["logout", "logout-everywhere"])
+def test_sign_out_revokes_the_access_and_viewer_tokens_too(app, standin, how):
+    """Tokens already handed out (the viewer's to the browser) stop working at sign-out, not at their expiry."""
+    a = _device(app)
+    viewer = a.get("/api/viewer-token").get_json()["access_token"]
+    user = stored_user(app)
+    assert standin.access_token(user.access_token) and standin.access_token(viewer)
+    a.post(f"/auth/{how}", data={"csrf_token": _csrf(a)})
+    assert standin.refresh_token(user.refresh_token)["status"] == "revoked"
+    assert standin.access_token(user.access_token) is None
+    assert standin.access_token(viewer) is None
+
+
+def test_sign_out_of_one_device_keeps_the_tokens_the_others_use(app, standin):
+    a, b = _device(app), _device(app)
+    user = stored_user(app)
+    a.post("/auth/logout", data={"csrf_token": _csrf(a)})
+    assert standin.access_token(user.access_token) is not None
+    assert b.get("/api/profile").status_code == 200
