@@ -68,16 +68,17 @@ class User(db.Model):
     email: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    refresh_token: Mapped[str | None] = mapped_column(EncryptedText)
+    # The tokens load (and decrypt) only when a request uses one: knowing who is signed in needs none of them.
+    refresh_token: Mapped[str | None] = mapped_column(EncryptedText, deferred=True, deferred_group="tokens")
     refresh_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     refresh_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     refresh_rotations: Mapped[int] = mapped_column(Integer, default=0)
     signed_in_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    access_token: Mapped[str | None] = mapped_column(EncryptedText)
+    access_token: Mapped[str | None] = mapped_column(EncryptedText, deferred=True, deferred_group="tokens")
     access_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    viewer_token: Mapped[str | None] = mapped_column(EncryptedText)
+    viewer_token: Mapped[str | None] = mapped_column(EncryptedText, deferred=True, deferred_group="tokens")
     viewer_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     viewer_scope: Mapped[str | None] = mapped_column(String(255))
     # A refresh was sent but its reply never came: the provider may have rotated the stored token.

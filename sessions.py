@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 from flask import Response, current_app, g, request
 from itsdangerous import BadSignature, Signer
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import contains_eager
 
@@ -53,10 +53,16 @@ def load() -> UserSession | None:
         session_id = _signer().unsign(value).decode()
     except (BadSignature, UnicodeDecodeError):
         return None
-    # contains_eager fills session.user from the join: without it the hook lazy-loads the person
-    # with a second query, because the identity map holds only weak references to row[1].
-    query = select(UserSession).join(UserSession.user).options(contains_eager(UserSession.user)).where(UserSession.id_hash == hash_id(session_id))
-    return db.session.execute(query).scalars().first()
+    if db.engine.dialect.name == "postgresql" and not db.session().in_transaction():
+        # A read needs no transaction: without one there is no BEGIN before it and no ROLLBACK after it.
+        # Whatever later needs one (a refresh, a sign-out) commits first and so starts a real one.
+        db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    return db.session.execute(_BY_ID_HASH, {"id_hash": hash_id(session_id)}).scalars().first()
+
+
+# Built once, not per request. contains_eager fills session.user from the join (without it the person
+# would be lazy-loaded by a second query); the person's tokens are deferred, so none is decrypted here.
+_BY_ID_HASH = select(UserSession).join(UserSession.user).options(contains_eager(UserSession.user)).where(UserSession.id_hash == bindparam("id_hash"))
 
 
 def touch(session: UserSession) -> None:

@@ -4,11 +4,18 @@ The provider's refresh tokens are single-use: every refresh returns a new one an
 old one, and strict providers revoke the whole grant when a used one is replayed. So a
 refresh must never run twice with the same token, whichever thread, worker or instance
 asks, and a rotated token must never be lost. The database is the one thing they all share,
-so the person's row is the lock:
+so the database holds the locks:
 
-1. Take the row lock (SELECT ... FOR UPDATE on PostgreSQL; BEGIN IMMEDIATE on SQLite).
-2. Re-read the tokens under the lock: a waiter usually finds that the holder already
-   refreshed them, and uses the result instead of refreshing again.
+1. Take the person's refresh turn. On PostgreSQL that is an advisory lock, taken without
+   waiting, and then the person's row lock (SELECT ... FOR UPDATE), which sign-in and
+   sign-out take too. A request that finds the turn taken waits for a *shared* advisory
+   lock instead: all waiters get it together the moment the refresher commits, let go of it
+   at once and read the row without any lock, so they never queue behind one another.
+   On SQLite the turn is the database write lock (BEGIN IMMEDIATE), which waiters take one
+   after another, each for a read and a commit.
+2. Re-read the tokens: a waiter usually finds that the refresher already refreshed them,
+   and uses the result. If that refresh failed, the waiter queues for the row lock and
+   looks again; only one request ever holds the row lock while it refreshes.
 3. If an earlier refresh was sent but its reply never came (refresh_unsure), ask the
    provider's introspection whether the kept token still lives before replaying it.
 4. Refresh at the provider (one round trip; the reply may take PROVIDER_REFRESH_TIMEOUT).
@@ -48,8 +55,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import undefer_group
 
 import sessions
 from models import RefreshEvent, User, UserSession, db, utcnow
@@ -59,6 +67,8 @@ log = logging.getLogger("tokens")
 
 # APS v2 refresh tokens live 15 days unless the provider tells us otherwise.
 REFRESH_TOKEN_LIFETIME = timedelta(days=15)
+# The first key of PostgreSQL's two-key advisory locks that hold a person's refresh turn (the second is their id).
+REFRESH_TURN = 0x52_46  # "RF"
 
 
 class SignInRequired(Exception):
@@ -76,9 +86,9 @@ class ViewerToken:
     scope: str
 
 
-def is_stale(expires_at: datetime | None, token: str | None = None) -> bool:
-    """Tell whether a token is missing or expires within TOKEN_REFRESH_LEEWAY seconds."""
-    if token is None or expires_at is None:
+def is_stale(expires_at: datetime | None) -> bool:
+    """Tell whether a token is missing (no expiry stored) or expires within TOKEN_REFRESH_LEEWAY seconds."""
+    if expires_at is None:
         return True
     leeway = timedelta(seconds=current_app.config["TOKEN_REFRESH_LEEWAY"])
     return expires_at - leeway <= utcnow()
@@ -175,33 +185,34 @@ def ensure_fresh_access_token(user: User, trigger: str, rejected: str | None = N
 
     rejected: an access token the provider just refused; it counts as stale even if unexpired.
     """
-    if not is_stale(user.access_expires_at, user.access_token) and user.access_token != rejected:
+    # Only the expiry is read here: the tokens themselves stay encrypted until a request uses one.
+    if not is_stale(user.access_expires_at) and (rejected is None or user.access_token != rejected):
         return user
     return _refresh(user.id, "access", trigger, rejected)
 
 
 def viewer_token(user: User, trigger: str) -> ViewerToken:
     """Return the viewer-scoped access token, refreshing with the narrower scope when it is stale."""
-    if is_stale(user.viewer_expires_at, user.viewer_token):
+    if is_stale(user.viewer_expires_at):
         user = _refresh(user.id, "viewer", trigger)
     return ViewerToken(user.viewer_token, user.viewer_expires_at, user.viewer_scope or "")
 
 
 def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None) -> User:
-    """Refresh the person's access (or viewer) token, holding their row lock."""
+    """Refresh the person's access (or viewer) token, holding their refresh turn and row lock."""
     started = time.monotonic()
-    user = _lock_user(user_id)
+    user, waited = _take_refresh_turn(user_id)
+    if waited and user is not None and not _is_fresh(user, kind, rejected):
+        user = _lock_user(user_id)  # that refresh failed: queue at the row lock, then look again (rare)
     timing = (started, time.monotonic())
     if user is None:
         db.session.rollback()
         raise SignInRequired("person no longer exists")
-
-    token, expires_at = (user.access_token, user.access_expires_at) if kind == "access" else (user.viewer_token, user.viewer_expires_at)
-    if not is_stale(expires_at, token) and token != rejected:
-        # Another request refreshed while we waited for the lock: use its result. Release the lock
-        # before counting ourselves, so the waiters behind us do not queue for our bookkeeping.
+    if _is_fresh(user, kind, rejected):
+        # Another request refreshed while we waited: use its result. Release any lock before counting
+        # ourselves, so no one queues behind our bookkeeping.
         db.session.commit()
-        _count_waiter(user_id)
+        _count_waiter(user_id, kind)
         _log(user_id, kind, "used_fresh", timing, trigger)
         return user
     if not user.refresh_token:
@@ -212,6 +223,7 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
 
     scope = current_app.config["OAUTH_VIEWER_SCOPE"] if kind == "viewer" else None
     used = user.refresh_token
+    asked = time.monotonic()
     try:
         reply = current_app.extensions["provider"].refresh(used, scope=scope)
     except InvalidGrant:
@@ -226,8 +238,9 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         _finish(user_id, kind, "unavailable", trigger, timing, reason=str(exc))
         raise RefreshUnavailable(str(exc)) from None
 
+    provider_ms = _ms(asked)
     user = _store_rotation(user_id, user, kind, used, reply, scope)
-    _finish(user_id, kind, "refreshed", trigger, timing)
+    _finish(user_id, kind, "refreshed", trigger, timing, provider_ms=provider_ms)
     return user
 
 
@@ -274,22 +287,63 @@ def _store_rotation(user_id: int, user: User, kind: str, used: str, reply: Token
             pause, attempt = min(pause * 2, 1.0), attempt + 1
 
 
+def _is_fresh(user: User, kind: str, rejected: str | None) -> bool:
+    expires_at = user.access_expires_at if kind == "access" else user.viewer_expires_at
+    return not is_stale(expires_at) and (rejected is None or user.access_token != rejected)
+
+
+def _take_refresh_turn(user_id: int) -> tuple[User | None, bool]:
+    """Become the one request that refreshes this person, or wait for the one that is and read its result.
+
+    Return the person (row-locked when it is our turn) and whether we waited for another refresher.
+    On PostgreSQL the turn is a transaction-scoped advisory lock, taken without waiting: whoever
+    gets it refreshes, holding the row lock too. Everyone else waits for it with a shared advisory
+    lock, which all of them get together the moment the refresher commits, and then reads the row
+    with no lock at all, so waiters never queue behind one another. SQLite has one database-wide
+    write lock instead: waiters take it in turn, each for a read and a commit.
+    """
+    if db.engine.dialect.name != "postgresql":
+        return _lock_user(user_id), False
+    db.session.commit()  # the turn must be the first thing of its own transaction
+    _set_lock_timeout()
+    try:
+        if db.session.execute(select(func.pg_try_advisory_xact_lock(REFRESH_TURN, user_id))).scalar():
+            return _locked_row(user_id), False
+        db.session.execute(select(func.pg_advisory_xact_lock_shared(REFRESH_TURN, user_id)))
+    except OperationalError as exc:
+        db.session.rollback()
+        raise RefreshUnavailable("timed out waiting for another refresh of this person") from exc
+    db.session.commit()  # the refresher has committed: let go of the shared lock at once, and read its result
+    return db.session.execute(_user_query(user_id)).scalar_one_or_none(), True
+
+
 def _lock_user(user_id: int) -> User | None:
     """Start a new transaction holding the person's row lock, and re-read the row under it."""
     db.session.commit()  # the lock must be the first thing of its own transaction
-    query = select(User).where(User.id == user_id).execution_options(populate_existing=True)
     try:
         if db.engine.dialect.name == "sqlite":
             # SQLite has no row locks: take the database write lock up front (waits up to the busy timeout).
             db.session.execute(text("BEGIN IMMEDIATE"))
-        else:
-            # Wait at most as long as a refresh may take for another request's refresh.
-            db.session.execute(text(f"SET LOCAL lock_timeout = '{_lock_wait_ms()}ms'"))
-            query = query.with_for_update()
-        return db.session.execute(query).scalar_one_or_none()
+            return db.session.execute(_user_query(user_id)).scalar_one_or_none()
+        _set_lock_timeout()
+        return _locked_row(user_id)
     except OperationalError as exc:
         db.session.rollback()
         raise RefreshUnavailable("timed out waiting for another refresh of this person") from exc
+
+
+def _locked_row(user_id: int) -> User | None:
+    return db.session.execute(_user_query(user_id).with_for_update()).scalar_one_or_none()
+
+
+def _user_query(user_id: int):
+    """Select the person with their tokens, replacing whatever this session held of them."""
+    return select(User).where(User.id == user_id).options(undefer_group("tokens")).execution_options(populate_existing=True)
+
+
+def _set_lock_timeout() -> None:
+    # Wait at most as long as a refresh may take for another request's refresh (or sign-in, or sign-out).
+    db.session.execute(text(f"SET LOCAL lock_timeout = '{_lock_wait_ms()}ms'"))
 
 
 def _lock_wait_ms() -> int:
@@ -325,7 +379,7 @@ def _forget(user: User, kind: str, outcome: str, trigger: str, timing: tuple[flo
     _finish(user_id, kind, outcome, trigger, timing)
 
 
-def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[float, float], reason: str = "") -> None:
+def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[float, float], reason: str = "", provider_ms: int | None = None) -> None:
     """Record the refresh event in a transaction of its own and log it; losing the record loses nothing else."""
     try:
         db.session.add(RefreshEvent(user_id=user_id, kind=kind, outcome=outcome, trigger=_clean(trigger), duration_ms=_ms(timing[0])))
@@ -333,11 +387,23 @@ def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[f
     except SQLAlchemyError as exc:
         db.session.rollback()
         log.warning(json.dumps({"event": "refresh_event_not_recorded", "user_id": user_id, "reason": type(exc).__name__}))
-    _log(user_id, kind, outcome, timing, trigger, reason)
+    _log(user_id, kind, outcome, timing, trigger, reason, provider_ms)
 
 
-def _count_waiter(user_id: int) -> None:
-    latest = select(RefreshEvent.id).where(RefreshEvent.user_id == user_id).order_by(RefreshEvent.id.desc()).limit(1).scalar_subquery()
+def _count_waiter(user_id: int, kind: str) -> None:
+    """Count a request that used another's refresh on that refresh's event, once the refresher has recorded it.
+
+    The event is written after the rotation's commit, so the latest one may still be the previous
+    refresh: only one within the longest lock wait counts, which a refresh an access token apart never is.
+    """
+    since = utcnow() - timedelta(milliseconds=_lock_wait_ms())
+    latest = (
+        select(RefreshEvent.id)
+        .where(RefreshEvent.user_id == user_id, RefreshEvent.kind == kind, RefreshEvent.outcome == "refreshed", RefreshEvent.at >= since)
+        .order_by(RefreshEvent.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
     try:
         db.session.execute(update(RefreshEvent).where(RefreshEvent.id == latest).values(waiters=RefreshEvent.waiters + 1))
         db.session.commit()
@@ -354,7 +420,7 @@ def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _log(user_id: int, kind: str, outcome: str, timing: tuple[float, float], trigger: str, reason: str = "") -> None:
+def _log(user_id: int, kind: str, outcome: str, timing: tuple[float, float], trigger: str, reason: str = "", provider_ms: int | None = None) -> None:
     """Write one structured line per refresh; never a token."""
     started, locked = timing
     fields = {
@@ -367,6 +433,8 @@ def _log(user_id: int, kind: str, outcome: str, timing: tuple[float, float], tri
         "waited": locked - started > 0.05,
         "trigger": trigger,
     }
+    if provider_ms is not None:
+        fields["provider_ms"] = provider_ms  # the rest of duration_ms is this app's own work
     if reason:
         fields["reason"] = reason
     (log.warning if outcome == "lost_rotation" else log.info)(json.dumps(fields))

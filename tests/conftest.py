@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from flask_migrate import upgrade
 from sqlalchemy import text
+from sqlalchemy.orm import undefer_group
 
 from app import create_app
 from models import User, db, utcnow
@@ -156,7 +157,7 @@ def expire_access_token(app, name: str = "Ada Lovelace", field: str = "access_ex
 
 def stored_user(app, name: str = "Ada Lovelace") -> User | None:
     with app.app_context():
-        user = db.session.execute(db.select(User).where(User.name == name)).scalar_one_or_none()
+        user = db.session.execute(db.select(User).where(User.name == name).options(undefer_group("tokens"))).scalar_one_or_none()
         if user is not None:
             db.session.expunge(user)
         return user

@@ -7,7 +7,7 @@ from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 import tokens
 from conftest import expire_access_token, sign_in, stored_user
@@ -154,7 +154,7 @@ def test_waiter_rereads_after_lock_and_does_not_refresh(app, client, standin):
     expire_access_token(app)
     with app.test_request_context():
         stale = db.session.execute(db.select(User)).scalar_one()
-        assert tokens.is_stale(stale.access_expires_at, stale.access_token)
+        assert tokens.is_stale(stale.access_expires_at)
         # Another request (its own thread, so its own app context) refreshes while this one holds its stale copy.
         other = app.test_client()
         other.set_cookie(*_session_cookie(client))
@@ -163,11 +163,11 @@ def test_waiter_rereads_after_lock_and_does_not_refresh(app, client, standin):
         worker.start()
         worker.join()
         assert statuses == [200]
-        assert tokens.is_stale(stale.access_expires_at, stale.access_token)  # still the copy read before
+        assert tokens.is_stale(stale.access_expires_at)  # still the copy read before
         before = standin.count("refresh")
         fresh = tokens.ensure_fresh_access_token(stale, trigger="test")
         assert standin.count("refresh") == before
-        assert not tokens.is_stale(fresh.access_expires_at, fresh.access_token)
+        assert not tokens.is_stale(fresh.access_expires_at)
         waited = db.session.execute(db.select(RefreshEvent.waiters).order_by(RefreshEvent.id.desc())).scalars().first()
         assert waited == 1
 
@@ -229,3 +229,30 @@ def test_concurrent_requests_refresh_once(app, client, standin):
 def _session_cookie(client) -> tuple[str, str]:
     cookie = client.get_cookie("session")
     return cookie.key, cookie.value
+
+
+def test_signed_in_request_reads_one_row_and_decrypts_no_token(app, client):
+    """Knowing who is signed in costs one SELECT and no decryption; tokens are decrypted where they are used."""
+    sign_in(client)
+    client.get("/api/session")  # past the once-a-minute last-seen write
+    statements, decrypted = [], []
+    cipher = app.extensions["token_cipher"]
+    decrypt = cipher.decrypt
+    cipher.decrypt = lambda token, *args: decrypted.append(1) or decrypt(token, *args)
+    with app.app_context():
+        engine = db.engine
+
+    def count(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert client.get("/api/session").status_code == 200
+        assert (statements, decrypted) == ([statements[0]], [])
+        assert statements[0].lstrip().upper().startswith("SELECT")
+        statements.clear()
+        assert client.get("/api/profile").status_code == 200  # uses the access token: decrypted now
+        assert decrypted
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+        cipher.decrypt = decrypt
