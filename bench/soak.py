@@ -56,8 +56,8 @@ from standin.store import Store, faults
 
 # Access tokens live 75 s and count as stale 60 s early: every person refreshes every 15 s.
 TTL, LEEWAY = 75, 60
-# Timeouts of the provider are injected both shorter (a slow provider) and longer than this.
-PROVIDER_TIMEOUT = 5
+# The app's default PROVIDER_TIMEOUT: provider timeouts are injected both shorter (a slow provider) and longer.
+PROVIDER_TIMEOUT = 10
 WORKERS, THREADS = 2, 4
 PAGES = ("/session", "/devices", "/viewer")
 # What a person does between scenarios, with weights: pages, and the API calls those pages make.
@@ -506,7 +506,7 @@ class Chaos:
             time.sleep(1)
             return f"next {count} token requests answer 503"
         if kind == "provider timeout":
-            count, delay = self.rng.randint(1, 3), self.rng.choice((2.0, PROVIDER_TIMEOUT + 3.0))
+            count, delay = self.rng.randint(1, 3), self.rng.choice((3.0, PROVIDER_TIMEOUT + 2.0))
             self.store.inject("timeout", count, delay)
             self.wait_taken(15)
             time.sleep(delay + 2)  # the last one taken hangs this long, and its waiters behind the lock
@@ -519,7 +519,7 @@ class Chaos:
             return f"next {count} token replies lost after the provider acted"
         if kind == "worker killed mid-refresh":
             # The in-process stand-in hangs before it acts: the worker dies holding the person's row lock.
-            self.store.inject("timeout", 1, PROVIDER_TIMEOUT - 1)
+            self.store.inject("timeout", 1, PROVIDER_TIMEOUT - 2)
             deadline = time.time() + 15
             while not self.store.fault_takers() and time.time() < deadline:
                 time.sleep(0.05)
@@ -746,7 +746,6 @@ def run(folder: Path, quick: bool = False, people: int | None = None, duration: 
             ports[0],
             STANDIN_ACCESS_TOKEN_TTL=str(TTL),
             TOKEN_REFRESH_LEEWAY=str(LEEWAY),
-            PROVIDER_TIMEOUT=str(PROVIDER_TIMEOUT),
             STANDIN_DATABASE_URL=f"sqlite:///{folder / 'standin.sqlite'}",
         )
         logs = [folder / f"gunicorn-{i + 1}.log" for i in range(2)]
