@@ -473,8 +473,9 @@ class Person:
 class Chaos:
     """Inject one fault at a time at random, recording the window in which it acts."""
 
-    def __init__(self, store: Store, servers: list, postgres: Postgres, record: Record, rng: random.Random):
+    def __init__(self, store: Store, servers: list, postgres: Postgres, record: Record, rng: random.Random, gap: tuple[float, float]):
         self.store, self.servers, self.postgres, self.record, self.rng = store, servers, postgres, record, rng
+        self.gap = gap  # seconds between one fault's end and the next one
         self.injected: Counter = Counter()
         self.details: list[str] = []
 
@@ -495,7 +496,7 @@ class Chaos:
             self.injected[kind] += 1
             self.record.add("windows", {"kind": kind, "start": started, "end": ended, "detail": detail})
             self.details.append(f"{time.strftime('%H:%M:%S', time.localtime(started))} {kind}: {detail}")
-            time.sleep(min(max(0.0, stop_at - time.time()), self.rng.uniform(4, 9)))
+            time.sleep(min(max(0.0, stop_at - time.time()), self.rng.uniform(*self.gap)))
 
     def inject(self, kind: str) -> str:
         """Cause the fault and return once it has stopped acting (its window's end, with a second of grace)."""
@@ -754,7 +755,7 @@ def run(folder: Path, quick: bool = False, people: int | None = None, duration: 
         record = Record()
         run_id = f"{seed:06d}"
         crowd = [Person(i, run_id, [s.url for s in servers], record, rng.randrange(1 << 30)) for i in range(people)]
-        chaos = Chaos(store, servers, postgres, record, random.Random(rng.randrange(1 << 30)))
+        chaos = Chaos(store, servers, postgres, record, random.Random(rng.randrange(1 << 30)), gap=(2, 5) if quick else (4, 9))
 
         begin = time.time() + 1
         ramp = min(20.0, duration * 0.15)  # people arrive over this time, and faults wait for them
@@ -762,8 +763,8 @@ def run(folder: Path, quick: bool = False, people: int | None = None, duration: 
         settle = 15.0 if duration >= 120 else 8.0  # no new fault this long before the end
         threads = [threading.Thread(target=p.run, args=(begin + ramp * i / people, stop), daemon=True) for i, p in enumerate(crowd)]
         threads.append(threading.Thread(target=chaos.run, args=(begin + ramp, stop - settle), daemon=True))
-        # About 90 scenarios in a full run (30 in a quick one), but no more than one per person every 30 s.
-        interval = max(duration / (30 if quick else 90), 30 / people)
+        # About 90 scenarios in a full run (15 in a quick one), and no more than one per person every 30 s.
+        interval = max(duration / (15 if quick else 90), 30 / people)
         threads.append(
             threading.Thread(target=assign_scenarios, args=(crowd, begin + ramp, stop - settle, interval, random.Random(rng.randrange(1 << 30))), daemon=True)
         )
