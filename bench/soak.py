@@ -239,6 +239,9 @@ class Person:
         self.next_device += 1
         device = Device(self.next_device)
         device.http.headers["User-Agent"] = f"soak-browser/1.0 (person {self.number}, device {device.number})"
+        # A connection per request: a kept-alive one that the server closes as it is reused fails in a way
+        # browsers retry silently, and would count here as a connection error the app did not cause.
+        device.http.headers["Connection"] = "close"
         return device
 
     def visit(self, device: Device, url: str, method: str = "GET", data: dict | None = None, follow: bool = True) -> Visit:
