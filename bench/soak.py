@@ -751,6 +751,8 @@ def run(folder: Path, quick: bool = False, people: int | None = None, duration: 
             STANDIN_ACCESS_TOKEN_TTL=str(TTL),
             TOKEN_REFRESH_LEEWAY=str(LEEWAY),
             STANDIN_DATABASE_URL=f"sqlite:///{folder / 'standin.sqlite'}",
+            # One public callback for both instances, as behind a balancer; the stand-in allows only registered ones.
+            OAUTH_REDIRECT_URI=f"http://127.0.0.1:{ports[0]}/auth/callback",
         )
         logs = [folder / f"gunicorn-{i + 1}.log" for i in range(2)]
         servers = [start_server(env, port, log, workers=WORKERS, threads=THREADS) for port, log in zip(ports, logs, strict=True)]
