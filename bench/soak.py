@@ -71,6 +71,7 @@ CAUSES = (*FAULTS, "sign-in on a second device", "sign-out race", "no fault acti
 AUTHORIZE_PATH = "/authentication/v2/authorize"
 HIDDEN_INPUT = re.compile(r'<input type="hidden" name="([^"]+)" value="([^"]*)"')
 CSRF_INPUT = re.compile(r'name="csrf_token" value="([^"]+)"')
+TRY_AGAIN = re.compile(r'<a class="button primary" href="([^"]+)">Try again</a>')
 
 
 # --- The PostgreSQL server the soak owns -------------------------------------------------------
@@ -290,13 +291,23 @@ class Person:
         second = self.visit(device, first.hops[-1].url, "POST", fields | {"name": self.name, "allow": "1"})
         return Visit(first.hops + second.hops, second.final, form=True)
 
+    def try_again(self, device: Device, failed: Visit, fallback: str) -> Visit:
+        """Do what a person does on an error page: click its "Try again" (or reload), and from home go on to the page."""
+        link = TRY_AGAIN.search(failed.final.text) if failed.final is not None else None
+        visit = self.open(device, urljoin(failed.hops[-1].url, html.unescape(link[1])) if link else fallback)
+        if visit.status == 200 and visit.path == "/":
+            then = self.open(device, self.base() + "/session")
+            visit = Visit(visit.hops + then.hops, then.final, form=visit.form or then.form)
+        return visit
+
     def sign_in(self, device: Device, kind: str = "sign-in", attempts: int = 4) -> list[Visit]:
         """Sign this device in (trying again after an error page, as a person would); return the visits."""
         visits = []
+        start = f"{self.base()}/auth/login?next=/session"
         for attempt in range(attempts):
             if attempt:
                 time.sleep(self.rng.uniform(1, 3))
-            visit = self.open(device, f"{self.base()}/auth/login?next=/session")
+            visit = self.try_again(device, visits[-1], start) if visits else self.open(device, start)
             visits.append(visit)
             if visit.landed(PAGES):
                 break
@@ -332,7 +343,7 @@ class Person:
                 if visit.landed(PAGES):
                     break
                 time.sleep(self.rng.uniform(1, 3))
-                visit = self.open(device, f"{self.base()}/auth/login?next=/session")
+                visit = self.try_again(device, visit, self.base() + "/session")
                 visits.append(visit)
             form = any(v.form for v in visits)
             recovered = visits[-1].landed(PAGES) and not form
@@ -606,34 +617,36 @@ def is_lost_rotation(event: dict) -> bool:
 
 
 def classify(signout: SignOut, person: Person, events: list[dict], windows: list[dict]) -> None:
-    """Name the cause of one sign-out from what happened since the person's token was last stored."""
-    # What the app logged before the step that found the sign-out, and the refresh that failed in it.
+    """Name the cause of one sign-out from what happened since the person's refresh token was last stored.
+
+    In order: a lost rotation (the provider rotated, the reply never came: unavoidable); the latest
+    sign-out or sign-in of another of the person's devices; the fault that was active; else none.
+    """
+    # What the app logged up to the step that found the sign-out, including the refresh that failed in it.
     mine = [e for e in events if e.get("user_id") == person.user_id and e["logged_at"] <= signout.at + 0.2]
     stored = [e["logged_at"] for e in mine if e.get("outcome") == "refreshed" and e["logged_at"] < signout.at]
     stored += [at for at, _ in person.sign_ins if at <= signout.at]
-    since = max(stored, default=0.0) - 1.0
-    lost = [e for e in mine if e["logged_at"] >= since and is_lost_rotation(e)]
-    lost_sign_ins = [
-        at
-        for at, _, status in person.failed_sign_ins
-        if since <= at <= signout.at
-        and any(w["start"] <= at <= w["end"] and w["kind"] in ("reply dropped after rotation", "provider timeout") for w in windows)
-    ]
-    active = [w for w in windows if w["start"] <= signout.at and w["end"] >= since]
-    if lost or lost_sign_ins:
-        at = lost[0]["logged_at"] if lost else lost_sign_ins[0]
-        kinds = [w["kind"] for w in windows if w["start"] - 1 <= at <= w["end"] + 1]
-        signout.cause = next((k for k in ("reply dropped after rotation", "provider timeout") if k in kinds), kinds[0] if kinds else "no fault active")
+    since = max(stored, default=0.0) - 1.0  # a second of slack between the servers' and the people's clocks
+    lost = [e["logged_at"] for e in mine if e["logged_at"] >= since and is_lost_rotation(e)]
+    # A sign-in whose code the provider redeemed (revoking the person's refresh token) while the reply was lost.
+    replies_lost = ("reply dropped after rotation", "provider timeout")
+    lost_windows = [(w["start"], w["end"]) for w in windows if w["kind"] in replies_lost]
+    lost += [at for at, _, _ in person.failed_sign_ins if since <= at <= signout.at and any(a <= at <= b for a, b in lost_windows)]
+    others = [(at, "sign-out race") for at in person.race_logouts] + [(at, "sign-in on a second device") for at, d in person.sign_ins if d != signout.device]
+    others = [o for o in others if since <= o[0] <= signout.at + 1]  # + 1: a sign-in racing the very step
+    active = [w["kind"] for w in windows if w["start"] <= signout.at and w["end"] >= since]
+    if lost:
+        kinds = [w["kind"] for w in windows if w["start"] - 1 <= lost[0] <= w["end"] + 1]
+        signout.cause = next((k for k in replies_lost if k in kinds), "no fault active")
         signout.unavoidable = True
-        signout.evidence = f"lost rotation: {lost[0].get('outcome')} {lost[0].get('reason', '')}" if lost else "sign-in reply lost after the code was redeemed"
-    elif any(since <= at <= signout.at for at in person.race_logouts):
-        signout.cause, signout.evidence = "sign-out race", "another device signed out as this one signed in"
-    elif any(since <= at <= signout.at and device != signout.device for at, device in person.sign_ins):
-        signout.cause, signout.evidence = "sign-in on a second device", "another device signed in since the token was stored"
+        signout.evidence = "the provider rotated and its reply was lost"
+    elif others:
+        at, signout.cause = max(others)
+        signout.evidence = f"another device {'signed out' if signout.cause == 'sign-out race' else 'signed in'} {signout.at - at:+.3f} s before"
     elif active:
         order = ("PostgreSQL restart", "worker killed mid-refresh", "reply dropped after rotation", "provider timeout", "provider 5xx")
-        signout.cause = min((w["kind"] for w in active), key=order.index)
-        signout.evidence = "fault active since the token was stored"
+        signout.cause = min(active, key=order.index)
+        signout.evidence = "the fault was active since the token was stored"
     else:
         signout.cause, signout.evidence = "no fault active", "nothing the soak did explains it"
     outcomes = Counter(e.get("outcome") for e in mine if e["logged_at"] >= since)
