@@ -697,7 +697,8 @@ def summarize(record: Record, people: list[Person], events: list[dict], store: S
         "server_errors_outside_detail": Counter(f"{m} {p} {st}" for _, (m, p, st, _) in server_errors_outside).most_common(12),
         "server_errors_inside_windows": dict(Counter(h[2] for h in server_errors_inside)),
         "connection_errors": {"outside": sum(1 for o, _ in connection_errors if o), "inside": sum(1 for o, _ in connection_errors if not o)},
-        "app_refresh_outcomes": dict(Counter(e.get("outcome") for e in events)),
+        "app_refresh_outcomes": dict(Counter(e.get("outcome") for e in events if e["event"] == "token_refresh")),
+        "app_other_events": dict(Counter(e["event"] for e in events if e["event"] != "token_refresh")),
         "provider": {"refreshes": store.count("refresh"), "rejected": store.count("refresh_rejected"), "codes": store.count("code")},
         "server_exceptions": exceptions.most_common(12),
         "fault_log": chaos.details,
@@ -736,7 +737,8 @@ def markdown(r: dict) -> str:
         f"| connection errors outside / inside fault windows | {r['connection_errors']['outside']} / {r['connection_errors']['inside']} | |",
         f"| deliberate sign-outs (not losses) | {r['scenarios'].get('deliberate sign-out', 0)} | |",
         f"| refreshes at the provider / rejected | {r['provider']['refreshes']:,} / {r['provider']['rejected']} | |",
-        f"| app refresh outcomes | {', '.join(f'{k} {v}' for k, v in sorted(r['app_refresh_outcomes'].items(), key=lambda kv: str(kv[0])))} | |",
+        f"| app refresh outcomes | {', '.join(f'{k} {v}' for k, v in sorted(r['app_refresh_outcomes'].items()))} | |",
+        f"| other app events | {', '.join(f'{k} {v}' for k, v in sorted(r['app_other_events'].items())) or 'none'} | |",
         "",
     ]
     return "\n".join(out)
