@@ -176,11 +176,13 @@ class Device:
 class SignOut:
     person: int
     device: int
-    at: float
+    at: float  # the step that found it was sent
+    seen: float  # the answer saying so had arrived (the next request was sent)
     form: bool
     recovered: bool
     trigger: str
     silent_tried: bool
+    user_id: int | None = None
     cause: str = ""
     unavoidable: bool = False
     evidence: str = ""
@@ -347,7 +349,10 @@ class Person:
                 visits.append(visit)
             form = any(v.form for v in visits)
             recovered = visits[-1].landed(PAGES) and not form
-            self.record.add("signouts", SignOut(self.number, device.number, visits[0].hops[0].at, form, recovered, path, any(v.silent_tried for v in visits)))
+            hops = [h for v in visits for h in v.hops]
+            seen = next((b.at for a, b in zip(hops, hops[1:], strict=False) if a.status == 401 or urlsplit(b.url).path == "/auth/login"), hops[-1].at)
+            silent = any(v.silent_tried for v in visits)
+            self.record.add("signouts", SignOut(self.number, device.number, hops[0].at, seen, form, recovered, path, silent, user_id=self.user_id))
             device.signed_in = visits[-1].landed(PAGES)
         ok = visits[-1].landed(PAGES) if path in PAGES or signed_out else visit.status == 200
         self.record.step(self.number, "browse", path, visits, ok)
@@ -622,8 +627,8 @@ def classify(signout: SignOut, person: Person, events: list[dict], windows: list
     In order: a lost rotation (the provider rotated, the reply never came: unavoidable); the latest
     sign-out or sign-in of another of the person's devices; the fault that was active; else none.
     """
-    # What the app logged up to the step that found the sign-out, including the refresh that failed in it.
-    mine = [e for e in events if e.get("user_id") == person.user_id and e["logged_at"] <= signout.at + 0.2]
+    # What the app logged up to the answer that showed the sign-out, including the refresh that failed then.
+    mine = [e for e in events if e.get("user_id") == person.user_id and e["logged_at"] <= signout.seen + 0.05]
     stored = [e["logged_at"] for e in mine if e.get("outcome") == "refreshed" and e["logged_at"] < signout.at]
     stored += [at for at, _ in person.sign_ins if at <= signout.at]
     since = max(stored, default=0.0) - 1.0  # a second of slack between the servers' and the people's clocks
@@ -631,10 +636,10 @@ def classify(signout: SignOut, person: Person, events: list[dict], windows: list
     # A sign-in whose code the provider redeemed (revoking the person's refresh token) while the reply was lost.
     replies_lost = ("reply dropped after rotation", "provider timeout")
     lost_windows = [(w["start"], w["end"]) for w in windows if w["kind"] in replies_lost]
-    lost += [at for at, _, _ in person.failed_sign_ins if since <= at <= signout.at and any(a <= at <= b for a, b in lost_windows)]
+    lost += [at for at, _, _ in person.failed_sign_ins if since <= at <= signout.seen and any(a <= at <= b for a, b in lost_windows)]
     others = [(at, "sign-out race") for at in person.race_logouts] + [(at, "sign-in on a second device") for at, d in person.sign_ins if d != signout.device]
-    others = [o for o in others if since <= o[0] <= signout.at + 1]  # + 1: a sign-in racing the very step
-    active = [w["kind"] for w in windows if w["start"] <= signout.at and w["end"] >= since]
+    others = [o for o in others if since <= o[0] <= signout.seen]  # up to the answer: a sign-in may race the very step
+    active = [w["kind"] for w in windows if w["start"] <= signout.seen and w["end"] >= since]
     if lost:
         kinds = [w["kind"] for w in windows if w["start"] - 1 <= lost[0] <= w["end"] + 1]
         signout.cause = next((k for k in replies_lost if k in kinds), "no fault active")
@@ -806,6 +811,10 @@ def run(folder: Path, quick: bool = False, people: int | None = None, duration: 
         with open(folder / "signouts.jsonl", "w") as out:
             for s in record.signouts:
                 out.write(json.dumps(s.__dict__) + "\n")
+        with open(folder / "people.jsonl", "w") as out:
+            for p in crowd:
+                fields = ("number", "name", "user_id", "sign_ins", "failed_sign_ins", "race_logouts", "windows")
+                out.write(json.dumps({k: getattr(p, k) for k in fields}) + "\n")
         with open(folder / "steps.jsonl", "w") as out:
             for step in record.steps:
                 out.write(json.dumps(step) + "\n")
