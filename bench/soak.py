@@ -838,7 +838,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="30 people for 60 seconds")
     parser.add_argument("--people", type=int, default=None, help="simulated people (default 200; quick 30)")
     parser.add_argument("--duration", type=float, default=None, help="seconds of browsing (default 300; quick 60)")
-    parser.add_argument("--seed", type=int, default=None, help="repeat a run's random choices")
+    parser.add_argument("--seed", type=int, default=None, help="repeat a run's random choices (not its timings: threads and servers race anew)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("run as root: initdb and pg_ctl are started as the postgres user through runuser")
