@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py --quick    # short runs, for trying changes
     .venv/bin/python bench/run.py --only hook,profile
     .venv/bin/python bench/run.py --patch bench/patches/waiters-wait-side-by-side.diff --only expiry
+    .venv/bin/python bench/run.py --only soak       # the fault soak (bench/soak.py), not part of the default run
 
 Needs PostgreSQL at postgresql://postgres@127.0.0.1:5432/postgres (BENCH_POSTGRES_ADMIN) to create
 and drop its own databases, wrk (Debian package) and pyinstrument (requirements-dev.txt). Raw
@@ -22,6 +23,8 @@ from pathlib import Path
 from common import RESULTS, machine, patched_tree, postgres_database, wait_for_load, workdir
 
 ALL = ("hook", "profile", "expiry", "people", "people-slow", "storage")
+# Run only when asked for by --only: the soak takes 6 minutes (quick: 1.5) and starts its own PostgreSQL as root.
+EXTRA = ("soak",)
 # The stand-in's answer to a refresh is delayed this long in "people-slow", like a provider across a network.
 PROVIDER_DELAY = 0.1
 
@@ -29,13 +32,13 @@ PROVIDER_DELAY = 0.1
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs and fewer people, for development")
-    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL + EXTRA)}")
     parser.add_argument("--patch", action="append", default=[], help="run on a copy of the app with this diff applied (repeatable)")
     parser.add_argument("--compare", action="append", default=[], help="hook only: serve this patched copy beside the working tree, rounds interleaved")
     parser.add_argument("--max-load", type=float, default=None, help="wait (up to 15 minutes) for the 1-minute load average to drop below this first")
     args = parser.parse_args()
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = set(chosen) - set(ALL)
+    unknown = set(chosen) - set(ALL + EXTRA)
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     if args.patch:
@@ -93,6 +96,10 @@ def run_one(name: str, folder, quick: bool, compare: list[str]):
         import people
 
         return [people.run(kind, folder, quick, provider_delay=PROVIDER_DELAY) for kind in ("postgresql", "sqlite")]
+    if name == "soak":
+        import soak
+
+        return soak.run(folder / "soak", quick, command="bench/run.py --only soak" + (" --quick" if quick else ""))
     import storage
 
     return storage.run(folder, quick)
@@ -212,6 +219,10 @@ def markdown(r: dict) -> str:
             f"Largest / smallest: {s['lookup_ratio_large_to_small_p50']:.2f}x in the app, {s['in_database_ratio_large_to_small_p50']:.2f}x in the database.",
             "",
         ]
+    if "soak" in r:
+        import soak
+
+        out.append(soak.markdown(r["soak"]))
     return "\n".join(out)
 
 
