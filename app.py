@@ -1,5 +1,6 @@
 """The application factory: configuration, extensions, blueprints and the sign-in hook."""
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -10,6 +11,7 @@ from cryptography.fernet import Fernet, MultiFernet
 from flask import Flask, Response, current_app, g, jsonify, redirect, render_template, request, url_for
 from flask_migrate import Migrate
 from sqlalchemy import event, make_url
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -64,6 +66,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_error_handler(tokens.SignInRequired, sign_in_required)
     app.register_error_handler(tokens.RefreshUnavailable, provider_unavailable)
     app.register_error_handler(HTTPException, http_error)
+    # A connection refused or cut (a restart) is an outage, not a bug: other database errors stay 500s.
+    app.register_error_handler(OperationalError, database_unavailable)
+    app.register_error_handler(InterfaceError, database_unavailable)
     app.jinja_env.globals["csrf_token"] = csrf.token
     app.cli.add_command(keys.rotate_token_keys)
     app.cli.add_command(housekeeping.purge)
@@ -139,6 +144,17 @@ def provider_unavailable(exc: tokens.RefreshUnavailable) -> tuple[Response | str
     # The link repeats the request: only a local path, or a crafted one (/%5Chost) would send the person elsewhere.
     retry = safe_next(request.full_path.rstrip("?"))
     return render_template("error.html", title="Please try again in a moment", detail=message, retry=retry), 503
+
+
+def database_unavailable(exc: SQLAlchemyError) -> tuple[Response | str, int]:
+    """Answer 503 while the database is unreachable or restarting: nothing was lost, the next request tries again."""
+    with contextlib.suppress(SQLAlchemyError):
+        db.session.rollback()
+    current_app.logger.warning("database unavailable: %s", type(getattr(exc, "orig", None) or exc).__name__)
+    message = "This app cannot reach its database right now; please try again in a moment."
+    if _wants_json():
+        return jsonify(error="database_unavailable", message=message), 503
+    return render_template("error.html", title="Please try again in a moment", detail=message, retry=safe_next(request.full_path.rstrip("?"))), 503
 
 
 def http_error(exc: HTTPException) -> tuple[Response | str, int]:

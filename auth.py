@@ -6,7 +6,7 @@ import hmac
 import secrets
 import unicodedata
 
-from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, current_app, g, make_response, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
 import sessions
@@ -86,7 +86,11 @@ def callback() -> Response:
             return _failed(400, "The provider did not grant lasting access (no refresh token).", "Please start again.")
         info = provider.userinfo(grant.access_token)
     except ProviderUnavailable:
-        return _failed(503, "The provider is not answering right now.", "Please try again in a moment.")
+        # Try again where this sign-in was going, as silently as it was meant to be.
+        again = url_for("auth.login", next=flow["next"], silent=1 if flow.get("silent") else None)
+        response = make_response(_failed(503, "The provider is not answering right now.", "Please try again in a moment.", retry=again))
+        response.delete_cookie(_silent_cookie(), secure=current_app.config["SESSION_COOKIE_SECURE"], httponly=True, samesite="Lax", path="/")
+        return response
     except (InvalidGrant, ProviderRejected):
         return _failed(400, "The provider refused this sign-in.", "The link may have been used already. Please start again.")
     subject = info.get("sub")

@@ -28,8 +28,11 @@ so the database holds the locks:
 
 What each answer of the provider means:
 
-- invalid_grant: the grant is dead (15 days idle, revoked, replaced by a sign-in
-  elsewhere). Forget it and end all the person's sessions -> SignInRequired.
+- invalid_grant: the grant is dead (15 days idle, revoked), or a sign-in on another device
+  has just replaced it: that sign-in's code exchange revoked our token at the provider before
+  it could store the new one under the row lock. So first let go of the locks and look for a
+  new grant for SIGN_IN_GRACE; only then forget the grant and end all the person's sessions
+  -> SignInRequired.
 - Lost reply (a timeout or dropped connection after the request was sent): the provider
   may have rotated. Mark the token unsure and introspect it at once: no longer active
   means the rotation is lost (lost_rotation, handled as a dead grant); active means
@@ -67,6 +70,8 @@ log = logging.getLogger("tokens")
 
 # APS v2 refresh tokens live 15 days unless the provider tells us otherwise.
 REFRESH_TOKEN_LIFETIME = timedelta(days=15)
+# How long a refused refresh looks for the new grant of a sign-in on another device (see _replaced_by_sign_in).
+SIGN_IN_GRACE = 2.0
 # The first key of PostgreSQL's two-key advisory locks that hold a person's refresh turn (the second is their id).
 REFRESH_TURN = 0x52_46  # "RF"
 
@@ -227,6 +232,12 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
     try:
         reply = current_app.extensions["provider"].refresh(used, scope=scope)
     except InvalidGrant:
+        if not user.refresh_unsure and _replaced_by_sign_in(user_id, used):
+            return _refresh(user_id, kind, trigger, rejected)  # with the grant that sign-in stored
+        user = _lock_user(user_id)
+        if user is None or user.refresh_token != used:
+            db.session.commit()
+            return _refresh(user_id, kind, trigger, rejected)  # a newer grant arrived after all (or none is left)
         # A replay after a lost reply (no introspection to ask first) is a lost rotation, not an expiry.
         _forget(user, kind, "lost_rotation" if user.refresh_unsure else "invalid_grant", trigger, timing)
         raise SignInRequired("refresh token expired, revoked or replaced") from None
@@ -242,6 +253,24 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
     user = _store_rotation(user_id, user, kind, used, reply, scope)
     _finish(user_id, kind, "refreshed", trigger, timing, provider_ms=provider_ms)
     return user
+
+
+def _replaced_by_sign_in(user_id: int, used: str) -> bool:
+    """Tell whether a sign-in on another device stored a new grant within SIGN_IN_GRACE of our refresh being refused.
+
+    That sign-in's code exchange made the provider revoke the token we hold (one refresh token
+    per person per app) before it could store the new one under the row lock we hold: let go of
+    the locks and look for its grant for a moment, rather than end every session of the person.
+    """
+    db.session.commit()
+    deadline = time.monotonic() + SIGN_IN_GRACE
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        stored = db.session.execute(select(User.refresh_token).where(User.id == user_id)).scalar_one_or_none()
+        db.session.commit()
+        if stored != used:
+            return True
+    return False
 
 
 def _settle_unsure(user: User, kind: str, trigger: str, timing: tuple[float, float]) -> None:

@@ -2,6 +2,7 @@
 no orphan sessions, lost replies are found, dead grants resume silently, the database may restart."""
 
 import random
+import re
 import threading
 import time
 from datetime import timedelta
@@ -164,6 +165,31 @@ def test_sign_out_racing_a_sign_in_elsewhere_never_wipes_the_new_sign_in(app_fac
         leaving = arriving
 
 
+def test_sign_in_elsewhere_during_a_refresh_keeps_the_first_device_signed_in(app, standin, monkeypatch):
+    """B's code exchange revokes A's refresh token before B stores the new grant; A's refresh in between must not end A."""
+    a, b = app.test_client(), app.test_client()
+    sign_in(a)
+    expire_access_token(app)
+    back = urlsplit(_callback_url(b))
+    provider = app.extensions["provider"]
+    exchanged = threading.Event()
+    userinfo = provider.userinfo
+
+    def slow_userinfo(token):
+        exchanged.set()
+        time.sleep(0.5)  # B holds the new grant but has not stored it yet
+        return userinfo(token)
+
+    monkeypatch.setattr(provider, "userinfo", slow_userinfo)
+    arriving = threading.Thread(target=lambda: b.get(back.path, query_string=back.query))
+    arriving.start()
+    assert exchanged.wait(10)
+    reply = a.get("/api/session")  # A's token is due: it refreshes with the token B's exchange revoked
+    arriving.join(10)
+    assert reply.status_code == 200
+    assert a.get("/api/session").status_code == 200 and b.get("/api/session").status_code == 200
+
+
 # 4. No orphans after sign_in_required.
 
 
@@ -260,6 +286,19 @@ def test_silent_sign_in_falls_back_to_the_form_with_a_notice(app, client, standi
     assert client.get("/").status_code == 200
 
 
+def test_silent_sign_in_that_meets_a_provider_hiccup_tries_again_silently(app, client, standin):
+    """The silent sign-in's own code exchange loses its reply: Try again stays silent and keeps the page."""
+    sign_in(client)
+    expire_access_token(app)
+    standin.inject("drop", count=2)  # the refresh's reply, then the silent sign-in's code exchange reply
+    final, visited = _follow(client, client.get("/session"))
+    assert visited[-1] == "/auth/callback" and final.status_code == 503
+    again = urlsplit(re.search(r'href="([^"]+)">Try again<', final.get_data(as_text=True))[1].replace("&amp;", "&"))
+    final, visited = _follow(client, client.get(again.path, query_string=again.query))
+    assert visited[-1] == "/session" and final.status_code == 200
+    assert 'name="name"' not in final.get_data(as_text=True)
+
+
 def test_api_calls_never_redirect_to_a_silent_sign_in(app, client, standin):
     sign_in(client)
     _kill_grant_at_provider(app, standin)
@@ -314,6 +353,23 @@ def test_database_restart_is_not_a_500_and_keeps_the_sign_in(own_postgres, tmp_p
     assert client.get("/api/profile").status_code == 200
     with app.app_context():
         assert db.session.execute(text("SELECT count(*) FROM refresh_events")).scalar() >= 1
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_database_down_is_a_503_and_loses_nothing(own_postgres, tmp_path):
+    app = create_app(make_config(tmp_path, own_postgres.url))
+    migrate_fresh(app)
+    client = app.test_client()
+    sign_in(client)
+    own_postgres.stop()
+    try:
+        assert client.get("/api/session").status_code == 503
+        assert client.get("/session").status_code == 503
+    finally:
+        own_postgres.start()
+    assert client.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
+    with app.app_context():
         db.session.remove()
         db.engine.dispose()
 
