@@ -106,6 +106,10 @@ class Provider:
         }
         if nonce:
             params["nonce"] = nonce
+        if "offline_access" in scope.split():
+            # OpenID Connect Core §11: offline access is granted with prompt=consent; strict providers
+            # (oidc-provider) otherwise drop offline_access and issue no refresh token at all.
+            params["prompt"] = "consent"
         return f"{self.endpoints.authorize}?{urlencode(params)}"
 
     def exchange_code(self, code: str, redirect_uri: str, code_verifier: str) -> TokenResponse:
