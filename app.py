@@ -61,6 +61,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.after_request(security_headers)
     app.register_error_handler(tokens.SignInRequired, sign_in_required)
     app.register_error_handler(tokens.RefreshUnavailable, provider_unavailable)
+    app.register_error_handler(tokens.RefreshRefused, provider_refused)
     app.register_error_handler(HTTPException, http_error)
     app.jinja_env.globals["csrf_token"] = csrf.token
     app.cli.add_command(keys.rotate_token_keys)
@@ -120,6 +121,14 @@ def provider_unavailable(exc: tokens.RefreshUnavailable) -> tuple[Response | str
     if _wants_json():
         return jsonify(error="provider_unavailable", message=message), 503
     return render_template("error.html", title="Please try again in a moment", detail=message, retry=request.full_path), 503
+
+
+def provider_refused(exc: tokens.RefreshRefused) -> tuple[Response | str, int]:
+    """Answer 403 naming the provider's refusal, and keep the session: asking again would get the same answer."""
+    message = f"The sign-in provider refused to issue this token ({exc.error}); you are still signed in."
+    if _wants_json():
+        return jsonify(error="provider_refused", cause=exc.error, message=message), 403
+    return render_template("error.html", title="The sign-in provider refused this", detail=message, retry=None), 403
 
 
 def http_error(exc: HTTPException) -> tuple[Response | str, int]:

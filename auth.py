@@ -96,7 +96,7 @@ def _prefetch_viewer_token(user) -> None:
         return
     try:
         tokens.viewer_token(user, trigger="sign-in")
-    except (tokens.RefreshUnavailable, tokens.SignInRequired) as exc:
+    except (tokens.RefreshUnavailable, tokens.RefreshRefused, tokens.SignInRequired) as exc:
         # The page that needs it will try again; the sign-in itself stands.
         current_app.logger.warning("viewer token not fetched at sign-in: %s", type(exc).__name__)
 

@@ -24,12 +24,14 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 import sessions
 from models import RefreshEvent, User, UserSession, db, utcnow
-from provider import InvalidGrant, ProviderError, TokenResponse
+from provider import InvalidGrant, ProviderError, ProviderRejected, TokenResponse
 
 log = logging.getLogger("tokens")
 
 # APS v2 refresh tokens live 15 days unless the provider tells us otherwise.
 REFRESH_TOKEN_LIFETIME = timedelta(days=15)
+# A provider that refused a refresh (invalid_scope...) is not asked the same again for this long.
+REFUSAL_BACKOFF = timedelta(minutes=5)
 
 
 class SignInRequired(Exception):
@@ -38,6 +40,14 @@ class SignInRequired(Exception):
 
 class RefreshUnavailable(Exception):
     """A refresh could not be done now (provider down, or the lock wait timed out); nothing was lost."""
+
+
+class RefreshRefused(Exception):
+    """The provider refused the refresh for a reason other than a dead grant (invalid_scope...); the sign-in stands."""
+
+    def __init__(self, error: str):
+        super().__init__(error)
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,10 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
     if not user.refresh_token:
         db.session.rollback()
         raise SignInRequired("no refresh token stored")
+    refused = _recent_refusal(user, kind)
+    if refused:
+        db.session.rollback()
+        raise RefreshRefused(refused)
 
     scope = current_app.config["OAUTH_VIEWER_SCOPE"] if kind == "viewer" else None
     provider = current_app.extensions["provider"]
@@ -147,6 +161,13 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
     except InvalidGrant:
         _forget(user, kind, trigger, started)
         raise SignInRequired("refresh token expired, revoked or replaced") from None
+    except ProviderRejected as exc:
+        # A refusal is an answer, not an outage: the token was not consumed, and asking again gets the same answer.
+        db.session.rollback()
+        _record(user_id, kind, f"refused:{exc.error}"[:32], trigger, started)
+        db.session.commit()
+        _log(user_id, kind, "refused", started, locked, waited=locked - started > 0.05, trigger=trigger, reason=str(exc))
+        raise RefreshRefused(exc.error) from None
     except ProviderError as exc:
         # The refresh token was not consumed, or we cannot know: keep it and let a later request retry.
         db.session.rollback()
@@ -213,6 +234,20 @@ def _forget(user: User, kind: str, trigger: str, started: float) -> None:
 def _record(user_id: int, kind: str, outcome: str, trigger: str, started: float) -> None:
     """Add the refresh event to the current transaction; the caller commits."""
     db.session.add(RefreshEvent(user_id=user_id, kind=kind, outcome=outcome, trigger=trigger[:255], duration_ms=_ms(started)))
+
+
+def _recent_refusal(user: User, kind: str) -> str | None:
+    """Return the error of a refusal of this kind of refresh since the person's sign-in and within the backoff, if it is the latest outcome."""
+    latest = db.session.execute(
+        select(RefreshEvent.outcome, RefreshEvent.at)
+        .where(RefreshEvent.user_id == user.id, RefreshEvent.kind == kind)
+        .order_by(RefreshEvent.id.desc())
+        .limit(1)
+    ).first()
+    if latest is None or not latest.outcome.startswith("refused:"):
+        return None
+    since = max(utcnow() - REFUSAL_BACKOFF, user.signed_in_at or utcnow())
+    return latest.outcome.removeprefix("refused:") if latest.at >= since else None
 
 
 def _count_waiter(user_id: int) -> None:
