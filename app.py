@@ -200,7 +200,7 @@ def _init_provider(app: Flask) -> None:
     elif cfg["OAUTH_PROVIDER"] == "autodesk":
         endpoints = aps_endpoints(issuer, cfg["OAUTH_USERINFO_URL"])
     else:
-        endpoints = discover(issuer, http, cfg["PROVIDER_TIMEOUT"], cfg["OAUTH_USERINFO_URL"])
+        endpoints = discover(issuer, http, cfg["PROVIDER_TIMEOUT"], cfg["OAUTH_USERINFO_URL"], cfg.get("OAUTH_REVOCATION_URL"))
     app.extensions["provider"] = Provider(endpoints, cfg["OAUTH_CLIENT_ID"], cfg["OAUTH_CLIENT_SECRET"], cfg["PROVIDER_TIMEOUT"], http)
 
 
