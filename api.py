@@ -2,6 +2,7 @@
 
 from flask import Blueprint, abort, current_app, g, jsonify, request
 
+import downscope
 import tokens
 from models import utcnow
 from provider import InvalidGrant, ProviderError
@@ -46,6 +47,9 @@ def profile():
 def viewer_token():
     """Hand the browser's viewer a token narrowed to OAUTH_VIEWER_SCOPE, never the full-scope one."""
     user = _signed_in()
+    if downscope.viewer_scope(user) is None:
+        message = "This app hands out no viewer token: OAUTH_VIEWER_SCOPE is empty, or the provider narrows the whole grant when asked for one."
+        return jsonify(error="viewer_token_off", message=message), 404
     token = tokens.viewer_token(user, trigger=request.path)
     expires_in = max(0, int((token.expires_at - utcnow()).total_seconds()))
     return jsonify(access_token=token.access_token, expires_in=expires_in, scope=token.scope)

@@ -110,9 +110,20 @@ def security_headers(response: Response) -> Response:
 def sign_in_required(exc: tokens.SignInRequired) -> Response:
     """Send a person whose grant died back through sign-in, then to the same page."""
     g.drop_session_cookie = True
+    if exc.notice:
+        return _sign_in_again(exc.notice)
     if _wants_json():
         return jsonify(error="sign_in_required", message="Your sign-in has ended; please sign in again."), 401
     return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?"))))
+
+
+def _sign_in_again(notice: str) -> tuple[Response | str, int]:
+    """Say why the sign-in ended, with one link through sign-in back to this page."""
+    again = url_for("auth.login", next=safe_next(request.full_path.rstrip("?")))
+    g.user = g.session = None  # their sessions are gone: the page shows them signed out
+    if _wants_json():
+        return jsonify(error="sign_in_required", message=notice, sign_in=again), 401
+    return render_template("error.html", title="Please sign in again", detail=notice, retry=again), 401
 
 
 def provider_unavailable(exc: tokens.RefreshUnavailable) -> tuple[Response | str, int]:

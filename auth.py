@@ -8,6 +8,7 @@ import secrets
 from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
+import downscope
 import sessions
 import tokens
 from models import db
@@ -91,8 +92,8 @@ def callback() -> Response:
 
 def _prefetch_viewer_token(user) -> None:
     """Get the shareable viewer token right after sign-in, when the grant covers the viewer scope."""
-    config = current_app.config
-    if not set(config["OAUTH_VIEWER_SCOPE"].split()) <= set(config["OAUTH_SCOPES"].split()):
+    scope = downscope.viewer_scope(user)
+    if scope is None or not set(scope.split()) <= set(current_app.config["OAUTH_SCOPES"].split()):
         return
     try:
         tokens.viewer_token(user, trigger="sign-in")

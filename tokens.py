@@ -22,6 +22,7 @@ from flask import current_app
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+import downscope
 import sessions
 from models import RefreshEvent, User, UserSession, db, utcnow
 from provider import InvalidGrant, ProviderError, ProviderRejected, TokenResponse
@@ -35,7 +36,11 @@ REFUSAL_BACKOFF = timedelta(minutes=5)
 
 
 class SignInRequired(Exception):
-    """The person's refresh token is dead: they must sign in again."""
+    """The person's refresh token is dead: they must sign in again (notice: what to tell them about why)."""
+
+    def __init__(self, reason: str = "", notice: str | None = None):
+        super().__init__(reason)
+        self.notice = notice
 
 
 class RefreshUnavailable(Exception):
@@ -176,6 +181,10 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         _log(user_id, kind, "unavailable", started, locked, waited=locked - started > 0.05, trigger=trigger, reason=str(exc))
         raise RefreshUnavailable(str(exc)) from None
 
+    if kind == "access" and downscope.narrowed_grant(tokens.scope):
+        _forget(user, kind, trigger, started, outcome=downscope.NARROWED)
+        downscope.note_narrowed_grant(user_id, tokens.scope)
+        raise SignInRequired("the provider narrowed the whole grant", notice=downscope.NOTICE)
     _store_refresh(user, kind, tokens, scope)
     _record(user_id, kind, "refreshed", trigger, started)
     db.session.commit()
@@ -222,13 +231,13 @@ def _store_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | No
         db.session.execute(update(UserSession).where(UserSession.user_id == user.id).values(expires_at=user.refresh_expires_at))
 
 
-def _forget(user: User, kind: str, trigger: str, started: float) -> None:
+def _forget(user: User, kind: str, trigger: str, started: float, outcome: str = "invalid_grant") -> None:
     """Clear a dead grant: the person's tokens and every session that relied on them."""
     user.clear_tokens()
     sessions.end_all(user.id)
-    _record(user.id, kind, "invalid_grant", trigger, started)
+    _record(user.id, kind, outcome, trigger, started)
     db.session.commit()
-    _log(user.id, kind, "invalid_grant", started, started, waited=False, trigger=trigger)
+    _log(user.id, kind, outcome, started, started, waited=False, trigger=trigger)
 
 
 def _record(user_id: int, kind: str, outcome: str, trigger: str, started: float) -> None:
