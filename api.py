@@ -2,10 +2,10 @@
 
 from flask import Blueprint, abort, current_app, g, jsonify, request
 
+import bearer
 import downscope
 import tokens
 from models import utcnow
-from provider import InvalidGrant, ProviderError
 
 bp = Blueprint("api", __name__)
 
@@ -29,18 +29,8 @@ def session():
 def profile():
     """Call the provider's userinfo with the person's access token, proving the backend holds a working one."""
     user = _signed_in()
-    provider = current_app.extensions["provider"]
-    try:
-        try:
-            return jsonify(provider.userinfo(user.access_token))
-        except InvalidGrant:
-            # Revoked before its expiry (e.g. a sign-out elsewhere): refresh once and retry.
-            user = tokens.ensure_fresh_access_token(user, trigger=request.path, rejected=user.access_token)
-            return jsonify(provider.userinfo(user.access_token))
-    except InvalidGrant:
-        raise tokens.SignInRequired("the provider rejects fresh access tokens") from None
-    except ProviderError as exc:
-        raise tokens.RefreshUnavailable(str(exc)) from None
+    userinfo = current_app.extensions["provider"].userinfo
+    return jsonify(bearer.call_with_access_token(user, userinfo, trigger=request.path))
 
 
 @bp.get("/api/viewer-token")

@@ -56,7 +56,8 @@ class Quirks:
     hide_revocation: the openid-configuration names no revocation endpoint; rfc8414: the RFC 8414 metadata does.
     narrow_grant: a refresh that asks for a narrower scope narrows the new refresh token too.
     kill_previous_access: every refresh deletes the person's earlier access tokens.
-    userinfo_needs_openid: userinfo answers 403 insufficient_scope to a token without openid.
+    userinfo_needs_openid: userinfo answers 403 insufficient_scope to a token without openid;
+    userinfo_refuses: to every token.
     """
 
     def __init__(self, inner, **quirks: bool):
@@ -67,10 +68,10 @@ class Quirks:
         path = environ["PATH_INFO"]
         if path in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
             return self.discovery(path)(environ, start_response)
-        if path == "/userinfo" and self.quirks.get("userinfo_needs_openid"):
+        if path == "/userinfo" and (self.quirks.get("userinfo_needs_openid") or self.quirks.get("userinfo_refuses")):
             header = environ.get("HTTP_AUTHORIZATION", "")
             row = self.store.access_token(header[7:])
-            if row is not None and "openid" not in row["scope"].split():
+            if row is not None and ("openid" not in row["scope"].split() or self.quirks.get("userinfo_refuses")):
                 return Response(json.dumps({"error": "insufficient_scope"}), 403, mimetype="application/json")(environ, start_response)
         if path == "/authentication/v2/token":
             return self.token(environ)(environ, start_response)
@@ -235,3 +236,47 @@ def test_empty_viewer_scope_turns_the_viewer_token_off(app_factory, monkeypatch)
     reply = client.get("/api/viewer-token")
     assert reply.status_code == 404 and reply.get_json()["error"] == "viewer_token_off"
     assert calls == []
+
+
+@pytest.fixture
+def killing_app(app_factory, quirky_oidc):
+    """The app, with the viewer scope in its grant, against a provider that kills earlier access tokens at each refresh."""
+    return oidc_app(app_factory, quirky_oidc[0], OAUTH_SCOPES="openid data:read viewables:read")
+
+
+@pytest.mark.parametrize("quirky_oidc", [{"kill_previous_access": True}], indirect=True)
+def test_access_token_killed_at_a_rotation_is_refreshed_once_and_the_call_retried(killing_app, monkeypatch):
+    """The viewer prefetch at sign-in killed the full-scope token: 12 concurrent calls share one refresh and all succeed."""
+    app = killing_app
+    client = app.test_client()
+    oidc_sign_in(client)
+    cookie = client.get_cookie("session").value
+    calls = count_refresh_calls(app, monkeypatch)
+    statuses, barrier = [], threading.Barrier(12)
+
+    def call() -> None:
+        browser = app.test_client()
+        browser.set_cookie("session", cookie)
+        barrier.wait()
+        statuses.append(browser.get("/api/profile").status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * 12
+    assert calls == [None]
+
+
+def test_resource_server_refusing_the_token_is_a_clear_4xx_not_an_outage(app_factory, quirky_oidc):
+    """A 403 insufficient_scope from the resource server names the cause and keeps the sign-in."""
+    issuer, _, quirks = quirky_oidc
+    app = oidc_app(app_factory, issuer)
+    client = app.test_client()
+    oidc_sign_in(client)
+    quirks["userinfo_refuses"] = True
+    reply = client.get("/api/profile")
+    assert reply.status_code == 403
+    assert reply.get_json()["error"] == "provider_refused" and reply.get_json()["cause"] == "insufficient_scope"
+    assert client.get("/api/session").status_code == 200
