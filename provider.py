@@ -103,16 +103,21 @@ def _introspection(doc: dict) -> str | None:
 def _oauth_metadata(issuer: str, http: requests.Session, timeout: float) -> dict:
     """Return the provider's RFC 8414 authorization server metadata, or nothing if it serves none."""
     parts = urlsplit(issuer)
-    # RFC 8414 §3: the well-known segment goes between the host and the issuer's path.
-    url = f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path.rstrip('/')}"
-    try:
-        reply = http.get(url, timeout=timeout)
-        doc = reply.json() if reply.status_code == 200 else {}
-    except (requests.RequestException, ValueError):
-        return {}
-    if not isinstance(doc, dict) or doc.get("issuer", "").rstrip("/") != issuer.rstrip("/"):
-        return {}  # RFC 8414 §3.3: metadata for another issuer must not be used
-    return doc
+    # RFC 8414 §3 puts the well-known segment between the host and the issuer's path; providers mounted
+    # under a path (django-oauth-toolkit's /o/) often serve it after the issuer instead.
+    urls = dict.fromkeys(
+        [f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path.rstrip('/')}", f"{issuer}/.well-known/oauth-authorization-server"]
+    )
+    for url in urls:
+        try:
+            reply = http.get(url, timeout=timeout)
+            doc = reply.json() if reply.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            continue
+        # RFC 8414 §3.3: metadata that names another issuer must not be used.
+        if isinstance(doc, dict) and str(doc.get("issuer", "")).rstrip("/") == issuer.rstrip("/"):
+            return doc
+    return {}
 
 
 class Provider:
