@@ -8,6 +8,7 @@ that grant, stops downscoping at this provider and asks the person to sign in on
 keeps the fact as a refresh event, so every worker and instance stops too.
 """
 
+import contextlib
 import logging
 import time
 
@@ -15,6 +16,7 @@ from flask import current_app
 from sqlalchemy import select
 
 from models import RefreshEvent, User, db
+from provider import ProviderError, TokenResponse
 
 log = logging.getLogger("tokens")
 
@@ -44,15 +46,18 @@ def narrowed_grant(granted: str | None) -> bool:
     return set(granted.split()) <= viewer
 
 
-def note_narrowed_grant(user_id: int, granted: str) -> None:
-    """Stop downscoping in this worker and say why in one line; the caller's refresh event tells the others."""
+def note_narrowed_grant(user_id: int, tokens: TokenResponse) -> None:
+    """Stop downscoping in this worker, say why in one line, and revoke the narrowed grant; the caller's refresh event tells the others."""
     current_app.extensions["grant_narrowing_seen"] = (True, time.monotonic())
     log.warning(
         "The provider narrowed a whole grant to %r after a narrowed refresh (user_id %d): "
         "no more viewer tokens from it; set OAUTH_VIEWER_SCOPE= to make that permanent.",
-        granted,
+        tokens.scope,
         user_id,
     )
+    if tokens.refresh_token:
+        with contextlib.suppress(ProviderError):  # best effort: nobody holds that token any more
+            current_app.extensions["provider"].revoke(tokens.refresh_token)
 
 
 def _narrowing_seen(user: User) -> bool:

@@ -183,7 +183,7 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
 
     if kind == "access" and downscope.narrowed_grant(tokens.scope):
         _forget(user, kind, trigger, started, outcome=downscope.NARROWED)
-        downscope.note_narrowed_grant(user_id, tokens.scope)
+        downscope.note_narrowed_grant(user_id, tokens)
         raise SignInRequired("the provider narrowed the whole grant", notice=downscope.NOTICE)
     _store_refresh(user, kind, tokens, scope)
     _record(user_id, kind, "refreshed", trigger, started)

@@ -200,8 +200,8 @@ def dot_like_app(app_factory, quirky_oidc):
 
 
 @pytest.mark.parametrize("quirky_oidc", [DOT_LIKE], indirect=True)
-def test_provider_that_narrows_the_whole_grant_costs_one_sign_in_and_no_more_downscoping(dot_like_app, monkeypatch, caplog):
-    app = dot_like_app
+def test_provider_that_narrows_the_whole_grant_costs_one_sign_in_and_no_more_downscoping(dot_like_app, quirky_oidc, monkeypatch, caplog):
+    app, store = dot_like_app, quirky_oidc[1]
     client = app.test_client()
     oidc_sign_in(client)  # the viewer prefetch narrows the whole grant at this provider
     expire_access_token(app, name="Oda")
@@ -214,6 +214,8 @@ def test_provider_that_narrows_the_whole_grant_costs_one_sign_in_and_no_more_dow
     assert "narrowed your whole sign-in" in text and 'href="/auth/login?next=/session"' in text
     assert len([r for r in caplog.records if "narrowed a whole grant" in r.getMessage()]) == 1
     assert client.get("/api/session").status_code == 401
+    with store.engine.connect() as conn:  # the narrowed grant is revoked, not left lying around
+        assert conn.execute(select(refresh_tokens.c.status).where(refresh_tokens.c.status == "active")).first() is None
 
     calls = count_refresh_calls(app, monkeypatch)
     oidc_sign_in(client)
