@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -185,8 +186,12 @@ def stored_tokens(database_url: str, name: str) -> dict:
     cipher = Fernet(TEST_KEY)
     try:
         with engine.connect() as conn:
-            row = conn.execute(text("SELECT refresh_token, access_token, viewer_token, viewer_scope FROM users WHERE name = :name"), {"name": name}).one()
+            query = text("SELECT refresh_token, access_token, viewer_token, viewer_scope, access_expires_at FROM users WHERE name = :name")
+            row = conn.execute(query, {"name": name}).one()._mapping
     finally:
         engine.dispose()
-    plain = {key: cipher.decrypt(value.encode()).decode() if value and key != "viewer_scope" else value for key, value in row._mapping.items()}
-    return plain
+    tokens = {key: cipher.decrypt(row[key].encode()).decode() if row[key] else None for key in ("refresh_token", "access_token", "viewer_token")}
+    expires = row["access_expires_at"]
+    if isinstance(expires, str):  # SQLite keeps it as text
+        expires = datetime.fromisoformat(expires)
+    return tokens | {"viewer_scope": row["viewer_scope"], "access_expires_at": expires.replace(tzinfo=expires.tzinfo or UTC)}

@@ -27,7 +27,8 @@ from servers import Gunicorn, free_port, migrate, server_env
 pytestmark = [pytest.mark.interop, pytest.mark.slow, pytest.mark.browser]
 
 ACCESS_TTL = 5
-# A 5-second token counts as expired 2 s early: a refresh is due 3 s after each one is issued.
+# A 5-second token counts as expired 2 s early: a refresh is due 3 s after each one is issued, and a
+# burst has 3 s to be served with the fresh token before the next refresh is due.
 LEEWAY = 2
 # The README's settings for "Any OpenID Connect provider".
 OIDC_SCOPES = "openid profile email offline_access"
@@ -306,7 +307,11 @@ def test_viewer_token_at_a_provider_that_keeps_or_narrows_the_grant(viewer_app, 
     stored = stored_tokens(app.database_url, client.login)
     assert stored["viewer_scope"] == "viewables:read"
     assert op.access_token_live(stored["viewer_token"]) is True
-    assert op.access_token_live(stored["access_token"]) is not observed["previous_access_token_killed_on_rotation"]
+    live = op.access_token_live(stored["access_token"])
+    if stored["access_expires_at"].timestamp() > time.time():  # on a slow machine it may simply have expired
+        assert live is not observed["previous_access_token_killed_on_rotation"]
+    else:
+        assert live is False
     narrowed = op.refresh_token_scope(stored["refresh_token"]) == {"viewables:read"}
     assert narrowed is observed["narrowed_refresh_narrows_the_grant"]
 
