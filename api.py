@@ -2,9 +2,10 @@
 
 from flask import Blueprint, abort, current_app, g, jsonify, request
 
+import bearer
+import downscope
 import tokens
 from models import utcnow
-from provider import InvalidGrant, ProviderError
 
 bp = Blueprint("api", __name__)
 
@@ -28,26 +29,17 @@ def session():
 def profile():
     """Call the provider's userinfo with the person's access token, proving the backend holds a working one."""
     user = _signed_in()
-    provider = current_app.extensions["provider"]
-    try:
-        try:
-            return jsonify(provider.userinfo(user.access_token))
-        except InvalidGrant:
-            # Revoked before its expiry (e.g. a sign-out elsewhere): refresh once and retry.
-            user = tokens.ensure_fresh_access_token(user, trigger=request.path, rejected=user.access_token)
-            return jsonify(provider.userinfo(user.access_token))
-    except InvalidGrant:
-        # Even a fresh token is refused: the grant is no use to us any more, so forget it for every session.
-        tokens.revoke(tokens.end_grant(user.id, "refused", trigger=request.path))
-        raise tokens.SignInRequired("the provider rejects fresh access tokens") from None
-    except ProviderError as exc:
-        raise tokens.RefreshUnavailable(str(exc)) from None
+    userinfo = current_app.extensions["provider"].userinfo
+    return jsonify(bearer.call_with_access_token(user, userinfo, trigger=request.path))
 
 
 @bp.get("/api/viewer-token")
 def viewer_token():
     """Hand the browser's viewer a token narrowed to OAUTH_VIEWER_SCOPE, never the full-scope one."""
     user = _signed_in()
+    if downscope.viewer_scope(user) is None:
+        message = "This app hands out no viewer token: OAUTH_VIEWER_SCOPE is empty, or the provider narrows the whole grant when asked for one."
+        return jsonify(error="viewer_token_off", message=message), 404
     token = tokens.viewer_token(user, trigger=request.path)
     expires_in = max(0, int((token.expires_at - utcnow()).total_seconds()))
     return jsonify(access_token=token.access_token, expires_in=expires_in, scope=token.scope)

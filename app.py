@@ -65,6 +65,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.after_request(sessions.slide_cookie)
     app.register_error_handler(tokens.SignInRequired, sign_in_required)
     app.register_error_handler(tokens.RefreshUnavailable, provider_unavailable)
+    app.register_error_handler(tokens.RefreshRefused, provider_refused)
     app.register_error_handler(HTTPException, http_error)
     # A connection refused or cut (a restart) is an outage, not a bug: other database errors stay 500s.
     app.register_error_handler(OperationalError, database_unavailable)
@@ -128,12 +129,24 @@ def sign_in_required(exc: tokens.SignInRequired) -> Response:
         # No live orphan: a session left live would count as "still signed in here" at a later sign-out.
         sessions.expire(g.session_id_hash)
         db.session.commit()
+    if exc.notice:
+        g.drop_session_cookie = True  # the person should read why, not be signed in again unawares
+        return _sign_in_again(exc.notice)
     if _wants_json():
         # The cookie stays: the next page this browser opens resumes the sign-in silently.
         return jsonify(error="sign_in_required", message="Your sign-in has ended; please sign in again."), 401
     g.drop_session_cookie = True
     silent = 1 if request.method == "GET" and current_app.config["SILENT_SIGN_IN"] else None
     return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=silent))
+
+
+def _sign_in_again(notice: str) -> tuple[Response | str, int]:
+    """Say why the sign-in ended, with one link through sign-in back to this page."""
+    again = url_for("auth.login", next=safe_next(request.full_path.rstrip("?")))
+    g.user = g.session = None  # their sessions are gone: the page shows them signed out
+    if _wants_json():
+        return jsonify(error="sign_in_required", message=notice, sign_in=again), 401
+    return render_template("error.html", title="Please sign in again", detail=notice, retry=again), 401
 
 
 def provider_unavailable(exc: tokens.RefreshUnavailable) -> tuple[Response | str, int]:
@@ -155,6 +168,14 @@ def database_unavailable(exc: SQLAlchemyError) -> tuple[Response | str, int]:
     if _wants_json():
         return jsonify(error="database_unavailable", message=message), 503
     return render_template("error.html", title="Please try again in a moment", detail=message, retry=safe_next(request.full_path.rstrip("?"))), 503
+
+
+def provider_refused(exc: tokens.RefreshRefused) -> tuple[Response | str, int]:
+    """Answer 403 naming the provider's refusal, and keep the session: asking again would get the same answer."""
+    message = f"The sign-in provider refused to issue this token ({exc.error}); you are still signed in."
+    if _wants_json():
+        return jsonify(error="provider_refused", cause=exc.error, message=message), 403
+    return render_template("error.html", title="The sign-in provider refused this", detail=message, retry=None), 403
 
 
 def http_error(exc: HTTPException) -> tuple[Response | str, int]:
@@ -232,7 +253,7 @@ def _init_provider(app: Flask) -> None:
     elif cfg["OAUTH_PROVIDER"] == "autodesk":
         endpoints = aps_endpoints(issuer, cfg["OAUTH_USERINFO_URL"])
     else:
-        endpoints = discover(issuer, http, cfg["PROVIDER_TIMEOUT"], cfg["OAUTH_USERINFO_URL"])
+        endpoints = discover(issuer, http, cfg["PROVIDER_TIMEOUT"], cfg["OAUTH_USERINFO_URL"], cfg.get("OAUTH_REVOCATION_URL"))
     app.extensions["provider"] = Provider(
         endpoints, cfg["OAUTH_CLIENT_ID"], cfg["OAUTH_CLIENT_SECRET"], cfg["PROVIDER_TIMEOUT"], http, refresh_timeout=cfg["PROVIDER_REFRESH_TIMEOUT"]
     )

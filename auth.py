@@ -9,6 +9,7 @@ import unicodedata
 from flask import Blueprint, Response, abort, current_app, g, make_response, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
+import downscope
 import sessions
 import tokens
 from models import db
@@ -83,6 +84,10 @@ def callback() -> Response:
     try:
         grant = provider.exchange_code(args["code"], redirect_uri(), flow["verifier"])
         if not grant.refresh_token:
+            tokens.revoke([(grant.access_token, "access_token")])
+            if flow.get("silent"):
+                # Some providers (oidc-provider) drop offline_access without consent: the person must interact.
+                return _failed(200, "Please sign in again", SILENT_FAILED, retry=url_for("auth.login", next=flow["next"]))
             return _failed(400, "The provider did not grant lasting access (no refresh token).", "Please start again.")
         info = provider.userinfo(grant.access_token)
     except ProviderUnavailable:
@@ -129,12 +134,12 @@ def _storable(claim: object) -> str:
 
 def _prefetch_viewer_token(user) -> None:
     """Get the shareable viewer token right after sign-in, when the grant covers the viewer scope."""
-    config = current_app.config
-    if not set(config["OAUTH_VIEWER_SCOPE"].split()) <= set(config["OAUTH_SCOPES"].split()):
+    scope = downscope.viewer_scope(user)
+    if scope is None or not set(scope.split()) <= set(current_app.config["OAUTH_SCOPES"].split()):
         return
     try:
         tokens.viewer_token(user, trigger="sign-in")
-    except (tokens.RefreshUnavailable, tokens.SignInRequired) as exc:
+    except (tokens.RefreshUnavailable, tokens.RefreshRefused, tokens.SignInRequired) as exc:
         # The page that needs it will try again; the sign-in itself stands.
         current_app.logger.warning("viewer token not fetched at sign-in: %s", type(exc).__name__)
 

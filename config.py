@@ -67,6 +67,9 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
     userinfo_url = env("OAUTH_USERINFO_URL")
     if userinfo_url:
         _check_url("OAUTH_USERINFO_URL", userinfo_url)
+    revocation_url = env("OAUTH_REVOCATION_URL")
+    if revocation_url:
+        _check_url("OAUTH_REVOCATION_URL", revocation_url)
     backchannel_url = env("OAUTH_BACKCHANNEL_URL")
     if backchannel_url:
         _check_url("OAUTH_BACKCHANNEL_URL", backchannel_url)
@@ -83,6 +86,8 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         "OAUTH_VIEWER_SCOPE": env("OAUTH_VIEWER_SCOPE", "viewables:read"),
         "OAUTH_REDIRECT_URI": redirect_uri,
         "OAUTH_USERINFO_URL": userinfo_url,
+        # For a provider whose discovery documents name no revocation endpoint (sign-out then cannot revoke).
+        "OAUTH_REVOCATION_URL": revocation_url,
         # Where this server reaches the provider when OAUTH_ISSUER is only the browser's address (Docker).
         "OAUTH_BACKCHANNEL_URL": backchannel_url.rstrip("/") if backchannel_url else None,
         "TOKEN_REFRESH_LEEWAY": _int(environ, "TOKEN_REFRESH_LEEWAY", 60),

@@ -1,13 +1,16 @@
 """Talk to the authorization server: authorize URL, code exchange, refresh, revoke, userinfo."""
 
+import logging
 from dataclasses import dataclass
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 
 from config import APS_HOST, ConfigError
+
+log = logging.getLogger("provider")
 
 
 class ProviderError(Exception):
@@ -72,25 +75,58 @@ def aps_endpoints(issuer: str, userinfo: str | None = None) -> Endpoints:
     )
 
 
-def discover(issuer: str, http: requests.Session, timeout: float, userinfo: str | None = None) -> Endpoints:
-    """Read an OpenID Connect provider's endpoints from its discovery document."""
+def discover(issuer: str, http: requests.Session, timeout: float, userinfo: str | None = None, revocation: str | None = None) -> Endpoints:
+    """Read an OpenID Connect provider's endpoints from its discovery document, and its RFC 8414 metadata for what that lacks."""
     url = f"{issuer}/.well-known/openid-configuration"
     try:
         reply = http.get(url, timeout=timeout)
         reply.raise_for_status()
         doc = reply.json()
-        return Endpoints(
+        # OIDC Discovery does not require a revocation endpoint; some providers list it only in RFC 8414 metadata.
+        more = _oauth_metadata(issuer, http, timeout) if not (_revocation(doc) and _introspection(doc)) else {}
+        endpoints = Endpoints(
             issuer=doc.get("issuer", issuer).rstrip("/"),
             authorize=doc["authorization_endpoint"],
             token=doc["token_endpoint"],
             userinfo=userinfo or doc["userinfo_endpoint"],
-            # APS's own document names these revoke_endpoint / introspect_endpoint.
-            revoke=doc.get("revocation_endpoint") or doc.get("revoke_endpoint"),
-            introspect=doc.get("introspection_endpoint") or doc.get("introspect_endpoint"),
+            revoke=revocation or _revocation(doc) or _revocation(more),
+            introspect=_introspection(doc) or _introspection(more),
             logout=doc.get("end_session_endpoint"),
         )
     except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"OAUTH_ISSUER discovery document {url} could not be read ({type(exc).__name__}).") from None
+    if not endpoints.revoke:
+        log.warning("Sign-out cannot revoke refresh tokens at %s: it names no revocation endpoint; set OAUTH_REVOCATION_URL if it has one.", issuer)
+    return endpoints
+
+
+def _revocation(doc: dict) -> str | None:
+    # APS's own document names these revoke_endpoint / introspect_endpoint.
+    return doc.get("revocation_endpoint") or doc.get("revoke_endpoint")
+
+
+def _introspection(doc: dict) -> str | None:
+    return doc.get("introspection_endpoint") or doc.get("introspect_endpoint")
+
+
+def _oauth_metadata(issuer: str, http: requests.Session, timeout: float) -> dict:
+    """Return the provider's RFC 8414 authorization server metadata, or nothing if it serves none."""
+    parts = urlsplit(issuer)
+    # RFC 8414 §3 puts the well-known segment between the host and the issuer's path; providers mounted
+    # under a path (django-oauth-toolkit's /o/) often serve it after the issuer instead.
+    urls = dict.fromkeys(
+        [f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path.rstrip('/')}", f"{issuer}/.well-known/oauth-authorization-server"]
+    )
+    for url in urls:
+        try:
+            reply = http.get(url, timeout=timeout)
+            doc = reply.json() if reply.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            continue
+        # RFC 8414 §3.3: metadata that names another issuer must not be used.
+        if isinstance(doc, dict) and str(doc.get("issuer", "")).rstrip("/") == issuer.rstrip("/"):
+            return doc
+    return {}
 
 
 class Provider:
@@ -122,6 +158,10 @@ class Provider:
             params["nonce"] = nonce
         if prompt:
             params["prompt"] = prompt
+        elif "offline_access" in scope.split():
+            # OpenID Connect Core §11: offline access is granted with prompt=consent; strict providers
+            # (oidc-provider) otherwise drop offline_access and issue no refresh token at all.
+            params["prompt"] = "consent"
         return f"{self.endpoints.authorize}?{urlencode(params)}"
 
     def exchange_code(self, code: str, redirect_uri: str, code_verifier: str) -> TokenResponse:

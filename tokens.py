@@ -62,9 +62,10 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import undefer_group
 
+import downscope
 import sessions
 from models import RefreshEvent, User, UserSession, db, utcnow
-from provider import InvalidGrant, ProviderError, ProviderUnavailable, TokenResponse
+from provider import InvalidGrant, ProviderError, ProviderRejected, ProviderUnavailable, TokenResponse
 
 log = logging.getLogger("tokens")
 
@@ -74,14 +75,28 @@ REFRESH_TOKEN_LIFETIME = timedelta(days=15)
 SIGN_IN_GRACE = 2.0
 # The first key of PostgreSQL's two-key advisory locks that hold a person's refresh turn (the second is their id).
 REFRESH_TURN = 0x52_46  # "RF"
+# A provider that refused a refresh (invalid_scope...) is not asked the same again for this long.
+REFUSAL_BACKOFF = timedelta(minutes=5)
 
 
 class SignInRequired(Exception):
-    """The person's refresh token is dead: they must sign in again."""
+    """The person's refresh token is dead: they must sign in again (notice: what to tell them about why)."""
+
+    def __init__(self, reason: str = "", notice: str | None = None):
+        super().__init__(reason)
+        self.notice = notice
 
 
 class RefreshUnavailable(Exception):
     """A refresh could not be done now (provider down, or the lock wait timed out); nothing was lost."""
+
+
+class RefreshRefused(Exception):
+    """The provider refused the refresh for a reason other than a dead grant (invalid_scope...); the sign-in stands."""
+
+    def __init__(self, error: str):
+        super().__init__(error)
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -223,6 +238,10 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
     if not user.refresh_token:
         db.session.rollback()
         raise SignInRequired("no refresh token stored")
+    refused = _recent_refusal(user, kind)
+    if refused:
+        db.session.rollback()
+        raise RefreshRefused(refused)
     if user.refresh_unsure:
         _settle_unsure(user, kind, trigger, timing)
 
@@ -241,6 +260,11 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         # A replay after a lost reply (no introspection to ask first) is a lost rotation, not an expiry.
         _forget(user, kind, "lost_rotation" if user.refresh_unsure else "invalid_grant", trigger, timing)
         raise SignInRequired("refresh token expired, revoked or replaced") from None
+    except ProviderRejected as exc:
+        # A refusal is an answer, not an outage: the token was not consumed, and asking again gets the same answer.
+        db.session.rollback()
+        _finish(user_id, kind, f"refused:{exc.error}"[:32], trigger, timing, reason=str(exc))
+        raise RefreshRefused(exc.error) from None
     except ProviderError as exc:
         if isinstance(exc, ProviderUnavailable) and exc.delivered:
             user.refresh_unsure = True
@@ -250,6 +274,10 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         raise RefreshUnavailable(str(exc)) from None
 
     provider_ms = _ms(asked)
+    if kind == "access" and downscope.narrowed_grant(reply.scope):
+        _forget(user, kind, downscope.NARROWED, trigger, timing)
+        downscope.note_narrowed_grant(user_id, reply)
+        raise SignInRequired("the provider narrowed the whole grant", notice=downscope.NOTICE)
     user = _store_rotation(user_id, user, kind, used, reply, scope)
     _finish(user_id, kind, "refreshed", trigger, timing, provider_ms=provider_ms)
     return user
@@ -443,6 +471,20 @@ def _count_waiter(user_id: int, kind: str) -> None:
 def _clean(trigger: str) -> str:
     """Keep a client-chosen request line storable: no NUL or other control characters, at most 255 characters."""
     return "".join(ch if ch.isprintable() else "\ufffd" for ch in trigger)[:255]
+
+
+def _recent_refusal(user: User, kind: str) -> str | None:
+    """Return the error of a refusal of this kind of refresh since the person's sign-in and within the backoff, if it is the latest outcome."""
+    latest = db.session.execute(
+        select(RefreshEvent.outcome, RefreshEvent.at)
+        .where(RefreshEvent.user_id == user.id, RefreshEvent.kind == kind)
+        .order_by(RefreshEvent.id.desc())
+        .limit(1)
+    ).first()
+    if latest is None or not latest.outcome.startswith("refused:"):
+        return None
+    since = max(utcnow() - REFUSAL_BACKOFF, user.signed_in_at or utcnow())
+    return latest.outcome.removeprefix("refused:") if latest.at >= since else None
 
 
 def _ms(started: float) -> int:
