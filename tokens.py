@@ -38,6 +38,15 @@ What each answer of the provider means:
   means the rotation is lost (lost_rotation, handled as a dead grant); active means
   nothing happened (unavailable); no answer leaves it unsure for the next attempt.
 - Unreachable or 5xx: nothing was consumed; keep everything -> RefreshUnavailable (503).
+- Any other refusal (invalid_scope...): an answer, not an outage. Keep everything, do not ask
+  the same again for REFUSAL_BACKOFF -> RefreshRefused (403).
+- A full refresh that comes back with nothing beyond the viewer scope: the provider narrowed
+  the whole grant when asked for a viewer token (downscope.py). End that grant and stop
+  downscoping -> SignInRequired with a notice saying so.
+
+A known gap: while a failed commit is retried (step 5) the locks are released, so a request
+that takes the turn in those milliseconds may replay the used token. A database restart
+kills that request's connection too; a deadlock on one row under a lock does not happen.
 
 A dead grant ends the person's sessions by expiring their rows, not deleting them: a browser
 that comes back with the cookie of such a row goes through the provider with prompt=none
