@@ -57,6 +57,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("tokens").setLevel(logging.INFO)
 
+    # Sessions are this app's own (sessions.py): Flask's cookie session would only cost every request
+    # a look at the cookie (and, named "session" like ours in development, a failed signature check).
+    app.session_interface = sessions.NoFlaskSession()
     app.register_blueprint(pages.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
@@ -81,7 +84,8 @@ def load_person() -> Response | None:
     g.session = g.user = g.session_id_hash = None
     if request.endpoint in ("static", "api.healthz"):
         return None
-    session = sessions.load()
+    found = sessions.load()
+    session, person = found or (None, None)
     if session is not None:
         g.session_id_hash = session.id_hash
         if not sessions.is_live(session):
@@ -91,7 +95,7 @@ def load_person() -> Response | None:
                 return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=1))
             session = None
     if session is not None:
-        g.session, g.user = session, session.user
+        g.session, g.user = session, person
         sessions.touch(session)
     elif request.cookies.get(sessions.cookie_name()) and g.session_id_hash is None:
         g.drop_session_cookie = True  # tampered or unknown: simply signed out
@@ -129,6 +133,7 @@ def sign_in_required(exc: tokens.SignInRequired) -> Response:
         # No live orphan: a session left live would count as "still signed in here" at a later sign-out.
         sessions.expire(g.session_id_hash)
         db.session.commit()
+        g.session = None
     if exc.notice:
         g.drop_session_cookie = True  # the person should read why, not be signed in again unawares
         return _sign_in_again(exc.notice)
@@ -163,6 +168,7 @@ def database_unavailable(exc: SQLAlchemyError) -> tuple[Response | str, int]:
     """Answer 503 while the database is unreachable or restarting: nothing was lost, the next request tries again."""
     with contextlib.suppress(SQLAlchemyError):
         db.session.rollback()
+    g.user = g.session = None  # the page must not touch the database again to show who is signed in
     current_app.logger.warning("database unavailable: %s", type(getattr(exc, "orig", None) or exc).__name__)
     message = "This app cannot reach its database right now; please try again in a moment."
     if _wants_json():

@@ -5,10 +5,10 @@ import secrets
 from datetime import datetime, timedelta
 
 from flask import Response, current_app, g, request
+from flask.sessions import SessionInterface
 from itsdangerous import BadSignature, Signer
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import contains_eager
 
 from models import User, UserSession, db, utcnow
 
@@ -20,6 +20,16 @@ SLIDE_AFTER = timedelta(days=1)
 # browser whose grant died, even of 15 days' idleness, can be signed in again silently (auth.py).
 RESUME_GRACE = timedelta(days=30)
 MAX_COOKIE_LENGTH = 256
+
+
+class NoFlaskSession(SessionInterface):
+    """Leave flask.session unused and unread: any use of it fails loudly (NullSession) instead of costing every request."""
+
+    def open_session(self, app, request) -> None:
+        return None  # Flask then hands out its NullSession
+
+    def save_session(self, app, session, response) -> None:
+        pass
 
 
 def cookie_name() -> str:
@@ -44,8 +54,35 @@ def start(user: User) -> str:
     return _signer().sign(session_id).decode()
 
 
-def load() -> UserSession | None:
-    """Return this browser's session row with its person, live or ended, or None for a missing or bad cookie."""
+class Current:
+    """This browser's session row as the hook reads it: plain values, no ORM object."""
+
+    __slots__ = ("id_hash", "user_id", "expires_at", "cookie_expires_at", "last_seen_at")
+
+    def __init__(self, row):
+        self.id_hash, self.user_id, self.expires_at, self.cookie_expires_at, self.last_seen_at = row[:5]
+
+
+class Person:
+    """The signed-in person as the hook reads them: who they are and when their access token expires.
+
+    That is all most requests need. Anything else (their tokens, their sessions, the lifecycle
+    times) loads the full User on first use, once per request, and is read from it.
+    """
+
+    _full: User | None = None
+
+    def __init__(self, row):
+        self.id, self.name, self.email, self.access_expires_at = row[5:]
+
+    def __getattr__(self, name: str):
+        if self._full is None:
+            self._full = db.session.get(User, self.id)
+        return getattr(self._full, name)
+
+
+def load() -> tuple[Current, Person] | None:
+    """Return this browser's session, live or ended, and its person; None for a missing or bad cookie."""
     value = request.cookies.get(cookie_name())
     if not value or len(value) > MAX_COOKIE_LENGTH:
         return None
@@ -57,15 +94,29 @@ def load() -> UserSession | None:
         # A read needs no transaction: without one there is no BEGIN before it and no ROLLBACK after it.
         # Whatever later needs one (a refresh, a sign-out) commits first and so starts a real one.
         db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    return db.session.execute(_BY_ID_HASH, {"id_hash": hash_id(session_id)}).scalars().first()
+    row = db.session.execute(_BY_ID_HASH, {"id_hash": hash_id(session_id)}).first()
+    return (Current(row), Person(row)) if row is not None else None
 
 
-# Built once, not per request. contains_eager fills session.user from the join (without it the person
-# would be lazy-loaded by a second query); the person's tokens are deferred, so none is decrypted here.
-_BY_ID_HASH = select(UserSession).join(UserSession.user).options(contains_eager(UserSession.user)).where(UserSession.id_hash == bindparam("id_hash"))
+# Built once, not per request: one row with what a request needs, and no token (so nothing to decrypt).
+_BY_ID_HASH = (
+    select(
+        UserSession.id_hash,
+        UserSession.user_id,
+        UserSession.expires_at,
+        UserSession.cookie_expires_at,
+        UserSession.last_seen_at,
+        User.id,
+        User.name,
+        User.email,
+        User.access_expires_at,
+    )
+    .join(User, UserSession.user_id == User.id)
+    .where(UserSession.id_hash == bindparam("id_hash"))
+)
 
 
-def touch(session: UserSession) -> None:
+def touch(session: Current) -> None:
     """Record that the session was used, at most once a minute."""
     now = utcnow()
     if now - session.last_seen_at >= TOUCH_INTERVAL:
@@ -82,8 +133,11 @@ def slide_cookie(response: Response) -> Response:
     session = g.get("session")
     if session is None or g.get("session_cookie_written") or g.get("drop_session_cookie"):
         return response
+    expires_at, told = session.expires_at, session.cookie_expires_at
+    user = g.get("user")
     try:
-        expires_at, told = session.expires_at, session.cookie_expires_at
+        if isinstance(user, User) and user.refresh_expires_at and user.refresh_expires_at > expires_at:
+            expires_at = user.refresh_expires_at  # this very request rotated the token: the session moved on with it
         if told is not None and expires_at - told < SLIDE_AFTER:
             return response
         db.session.execute(update(UserSession).where(UserSession.id_hash == session.id_hash).values(cookie_expires_at=expires_at))
@@ -109,7 +163,7 @@ def expire_all(user_id: int) -> None:
     db.session.execute(update(UserSession).where(UserSession.user_id == user_id).values(expires_at=utcnow()))
 
 
-def is_live(session: UserSession) -> bool:
+def is_live(session: Current) -> bool:
     return session.expires_at > utcnow()
 
 
