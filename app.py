@@ -211,8 +211,6 @@ def _init_database(app: Flask) -> None:
     options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
     # Error messages and logs never show bound values: they are token ciphertext and email addresses.
     options.setdefault("hide_parameters", True)
-    # Test a pooled connection before use: after a database restart, a stale one would be a 500.
-    options.setdefault("pool_pre_ping", True)
     if uri.startswith("sqlite"):
         # A request waiting for another's refresh waits on the write lock, as long as a refresh may take.
         wait = app.config["PROVIDER_REFRESH_TIMEOUT"] + 2 * app.config["PROVIDER_TIMEOUT"]

@@ -8,7 +8,7 @@ from flask import Response, current_app, g, request
 from flask.sessions import SessionInterface
 from itsdangerous import BadSignature, Signer
 from sqlalchemy import bindparam, delete, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from models import User, UserSession, db, utcnow
 
@@ -90,12 +90,25 @@ def load() -> tuple[Current, Person] | None:
         session_id = _signer().unsign(value).decode()
     except (BadSignature, UnicodeDecodeError):
         return None
+    try:
+        row = _read(hash_id(session_id))
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        # A pooled connection died with its server (a restart). SQLAlchemy has now dropped every
+        # connection as old as that one, so one retry gets a fresh one: cheaper than pinging the
+        # database before every request (pool_pre_ping) for what happens once in months.
+        db.session.rollback()
+        row = _read(hash_id(session_id))
+    return (Current(row), Person(row)) if row is not None else None
+
+
+def _read(id_hash: str):
     if db.engine.dialect.name == "postgresql" and not db.session().in_transaction():
         # A read needs no transaction: without one there is no BEGIN before it and no ROLLBACK after it.
         # Whatever later needs one (a refresh, a sign-out) commits first and so starts a real one.
         db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    row = db.session.execute(_BY_ID_HASH, {"id_hash": hash_id(session_id)}).first()
-    return (Current(row), Person(row)) if row is not None else None
+    return db.session.execute(_BY_ID_HASH, {"id_hash": id_hash}).first()
 
 
 # Built once, not per request: one row with what a request needs, and no token (so nothing to decrypt).
