@@ -24,6 +24,7 @@ import housekeeping
 import keys
 import limits
 import pages
+import proxy
 import sessions
 import standin
 import tokens
@@ -60,6 +61,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(proxy.bp)
     app.before_request(load_person)
     app.after_request(security_headers)
     app.after_request(sessions.slide_cookie)
