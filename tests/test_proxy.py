@@ -1,7 +1,7 @@
 """GET /api/aps/<path>: the person's token goes to the API host for allowed paths only, and its answer comes back bounded."""
 
 import base64
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -171,3 +171,25 @@ def test_other_providers_have_no_api_to_forward_to(app_factory, standin_for):
     sign_in(client)
     assert client.get("/api/aps/project/v1/hubs").status_code == 404
     assert standin_for(app).count("api") == 0
+
+
+def test_random_paths_and_queries_never_get_a_5xx_nor_leave_the_list(client, standin):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    sign_in(client)
+    pieces = st.sampled_from(["project", "v1", "hubs", "projects", "data", "folders", "contents", "..", ".", "%2e", "%2F", "%5C", "%25", "a:b", "", "x"])
+    segment = st.lists(pieces, min_size=1, max_size=3).map("".join) | st.text(max_size=8).map(lambda s: s.replace("/", "").replace("?", ""))
+    allowed_calls = []
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(segments=st.lists(segment, min_size=1, max_size=7), query=st.binary(max_size=60))
+    def probe(segments, query):
+        before = api_calls(standin)
+        reply = client.get("/api/aps/" + "/".join(segments), query_string=quote(query, safe="=&%+[]"))
+        assert reply.status_code < 500 or reply.status_code in (502, 504), (segments, query, reply.status_code)
+        if api_calls(standin) != before:
+            allowed_calls.append(segments)
+            assert all(s not in ("..", ".", "%2e", "%2E") and "%2F" not in s and "%5C" not in s for s in segments), segments
+
+    probe()
