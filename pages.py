@@ -1,4 +1,4 @@
-"""What a person sees: home, the token lifecycle made visible, their devices, and the viewer demo."""
+"""What a person sees: home, the token lifecycle made visible, their devices, their hubs, and the viewer demo."""
 
 import functools
 import re
@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from flask import Blueprint, Response, abort, current_app, g, jsonify, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
+import proxy
 from models import RefreshEvent, User, UserSession, db, utcnow
 from redirects import safe_next
 from tokens import REFRESH_TOKEN_LIFETIME
@@ -75,6 +76,13 @@ def devices():
     live = sorted((s for s in g.user.sessions if s.expires_at > now), key=lambda s: s.last_seen_at, reverse=True)
     rows = [{"session": s, "browser": describe_agent(s.user_agent), "this": s.id_hash == g.session.id_hash} for s in live]
     return render_template("devices.html", rows=rows)
+
+
+@bp.get("/browse")
+@login_required
+def browse():
+    """Show the person's hubs as a tree that static/browse.js fills, level by level, through /api/aps/."""
+    return render_template("browse.html", upstream=proxy.api_base() or "", api_prefix=proxy.PREFIX)
 
 
 @bp.get("/viewer")
