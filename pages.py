@@ -115,8 +115,8 @@ def lifecycle(user: User) -> dict:
     events = (
         db.session.execute(select(RefreshEvent).where(RefreshEvent.user_id == user.id).order_by(RefreshEvent.id.desc()).limit(RECENT_REFRESHES)).scalars().all()
     )
-    access_issued = _latest(user, "access")
-    viewer_issued = _latest(user, "viewer")
+    access_issued = last_issued(user, "access")
+    viewer_issued = last_issued(user, "viewer")
     sessions = db.session.execute(select(func.count()).where(UserSession.user_id == user.id, UserSession.expires_at > now)).scalar_one()
 
     def since(moment: datetime | None) -> float | None:
@@ -170,7 +170,7 @@ def lifecycle(user: User) -> dict:
     }
 
 
-def _latest(user: User, kind: str) -> datetime | None:
+def last_issued(user: User, kind: str) -> datetime | None:
     """Return when the person's access (or viewer) token was last refreshed."""
     query = select(func.max(RefreshEvent.at)).where(RefreshEvent.user_id == user.id, RefreshEvent.kind == kind, RefreshEvent.outcome == "refreshed")
     latest = db.session.execute(query).scalar_one_or_none()

@@ -80,7 +80,7 @@ def slide_cookie(response: Response) -> Response:
     sign a daily user out on day 15 while the server still holds a live grant.
     """
     session = g.get("session")
-    if session is None or g.get("session_cookie_written") or g.get("drop_session_cookie"):
+    if session is None or g.get("passive") or g.get("session_cookie_written") or g.get("drop_session_cookie"):
         return response
     try:
         expires_at, told = session.expires_at, session.cookie_expires_at
