@@ -85,6 +85,9 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
     api_url = env("APS_API_URL")
     if api_url:
         _check_url("APS_API_URL", api_url)
+    post_logout_uri = env("OAUTH_POST_LOGOUT_REDIRECT_URI")
+    if post_logout_uri:
+        _check_url("OAUTH_POST_LOGOUT_REDIRECT_URI", post_logout_uri)
     backchannel_url = env("OAUTH_BACKCHANNEL_URL")
     if backchannel_url:
         _check_url("OAUTH_BACKCHANNEL_URL", backchannel_url)
@@ -122,6 +125,11 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         "STANDIN_ACCESS_TOKEN_TTL": _int(environ, "STANDIN_ACCESS_TOKEN_TTL", 3599),
         "STANDIN_STRICT": _bool(environ, "STANDIN_STRICT", False),
         "SIGNIN_RATE_LIMIT": env("SIGNIN_RATE_LIMIT", "20/minute"),
+        # After a sign-out here, also end the person's session at the provider (its end-session endpoint).
+        "OAUTH_LOGOUT_AT_PROVIDER": _bool(environ, "OAUTH_LOGOUT_AT_PROVIDER", False),
+        # Where the provider sends the browser back after that; unset, this app's home (not for APS, which
+        # redirects only to URIs Autodesk approved).
+        "OAUTH_POST_LOGOUT_REDIRECT_URI": post_logout_uri,
         "APS_API_URL": api_url.rstrip("/") if api_url else None,
         "APS_PROXY_PATHS": _paths(environ.get("APS_PROXY_PATHS")),
         # An API answer must come whole within this many seconds and bytes, or the proxy answers 504 / 502.
@@ -150,7 +158,7 @@ def check(config: Mapping) -> None:
             # Otherwise it is built from the Host header, which the client chooses.
             raise ConfigError("OAUTH_REDIRECT_URI must be set in production (the https://.../auth/callback registered with the provider).")
         # Codes, tokens and the client secret travel to and from these: only over TLS, or within this machine.
-        for name in ("OAUTH_ISSUER", "OAUTH_REDIRECT_URI", "OAUTH_USERINFO_URL", "APS_API_URL"):
+        for name in ("OAUTH_ISSUER", "OAUTH_REDIRECT_URI", "OAUTH_USERINFO_URL", "APS_API_URL", "OAUTH_POST_LOGOUT_REDIRECT_URI"):
             if config.get(name) and not _https_or_loopback(config[name]):
                 raise ConfigError(f"{name} must use https in production (plain http only on the loopback), got {config[name]!r}.")
 

@@ -164,6 +164,16 @@ class Provider:
             params["prompt"] = "consent"
         return f"{self.endpoints.authorize}?{urlencode(params)}"
 
+    def logout_url(self, post_logout_redirect_uri: str | None = None) -> str | None:
+        """Return the provider's end-session URL (OIDC RP-Initiated Logout; APS v2 logout), or None without one."""
+        if not self.endpoints.logout:
+            return None
+        if not post_logout_redirect_uri:
+            return self.endpoints.logout
+        # With no id_token_hint, RP-Initiated Logout 1.0 wants client_id to check the redirect against.
+        params = {"post_logout_redirect_uri": post_logout_redirect_uri, "client_id": self.client_id}
+        return f"{self.endpoints.logout}?{urlencode(params)}"
+
     def exchange_code(self, code: str, redirect_uri: str, code_verifier: str) -> TokenResponse:
         return self._token({"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": code_verifier})
 
