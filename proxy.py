@@ -11,15 +11,13 @@ only if it arrives whole within APS_PROXY_TIMEOUT seconds and APS_PROXY_MAX_BYTE
 import json
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 from urllib.parse import quote, quote_from_bytes, unquote
 
 import requests
 from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 
-import tokens
+import bearer
 from provider import InvalidGrant
 
 bp = Blueprint("proxy", __name__)
@@ -31,8 +29,6 @@ SEGMENT = re.compile(r"[A-Za-z0-9._:~-]+")
 SAFE_HEADERS = ("ETag", "Last-Modified", "Retry-After")
 JSON_TYPES = ("application/json", "application/vnd.api+json")
 READ_CHUNK = 64 * 1024
-
-T = TypeVar("T")
 
 
 class UpstreamFailed(Exception):
@@ -62,7 +58,7 @@ def forward(path: str) -> Response:
         abort(401)
     url = f"{base}/{target}"
     try:
-        answer = call_with_access_token(g.user, lambda token: fetch(url, token), trigger=f"GET {request.path}")
+        answer = bearer.call_with_access_token(g.user, lambda token: fetch(url, token), trigger=f"GET {request.path}")
     except UpstreamFailed as exc:
         return jsonify(error=exc.error, message=exc.message), exc.status
     response = Response(answer.body, status=answer.status, content_type=answer.content_type)
@@ -156,19 +152,3 @@ def _too_large(limit: int) -> UpstreamFailed:
 
 def _too_slow(timeout: int) -> UpstreamFailed:
     return UpstreamFailed(504, "upstream_timeout", f"The API host did not answer within {timeout} seconds; you are still signed in.")
-
-
-def call_with_access_token(user, call: Callable[[str], T], trigger: str) -> T:
-    """Run call(access_token); on a 401, refresh once under the person's lock and retry once.
-
-    The same contract as bearer.call_with_access_token on the interop branch; use that one once it is on main.
-    """
-    try:
-        return call(user.access_token)
-    except InvalidGrant:
-        # Revoked before its expiry (a sign-out elsewhere, a provider that kills it at rotation).
-        user = tokens.ensure_fresh_access_token(user, trigger=trigger, rejected=user.access_token)
-    try:
-        return call(user.access_token)
-    except InvalidGrant:
-        raise tokens.SignInRequired("the API host rejects a fresh access token") from None
