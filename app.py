@@ -18,6 +18,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import api
 import auth
+import backchannel
 import config
 import csrf
 import housekeeping
@@ -64,6 +65,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(proxy.bp)
+    app.register_blueprint(backchannel.bp)
     app.before_request(load_person)
     app.after_request(security_headers)
     app.after_request(sessions.slide_cookie)

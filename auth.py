@@ -10,6 +10,7 @@ from urllib.parse import urljoin
 from flask import Blueprint, Response, abort, current_app, g, make_response, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
+import backchannel
 import downscope
 import sessions
 import tokens
@@ -114,7 +115,7 @@ def callback() -> Response:
     elif g.get("session_id_hash"):
         sessions.end(g.session_id_hash)  # a new id at every sign-in (no session fixation), live or ended
     user = tokens.save_sign_in(subject, _storable(info.get("name")), _storable(info.get("email")), grant)
-    cookie = sessions.start(user)
+    cookie = sessions.start(user, provider_sid=backchannel.sid_of(grant.id_token))
     db.session.commit()
     _prefetch_viewer_token(user)
     response = redirect(flow["next"])

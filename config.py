@@ -125,6 +125,8 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         "STANDIN_ACCESS_TOKEN_TTL": _int(environ, "STANDIN_ACCESS_TOKEN_TTL", 3599),
         "STANDIN_STRICT": _bool(environ, "STANDIN_STRICT", False),
         "SIGNIN_RATE_LIMIT": env("SIGNIN_RATE_LIMIT", "20/minute"),
+        # Back-channel logout requests per address and worker (OAUTH_PROVIDER=oidc); "off" disables the limit.
+        "BACKCHANNEL_LOGOUT_RATE_LIMIT": env("BACKCHANNEL_LOGOUT_RATE_LIMIT", "60/minute"),
         # After a sign-out here, also end the person's session at the provider (its end-session endpoint).
         "OAUTH_LOGOUT_AT_PROVIDER": _bool(environ, "OAUTH_LOGOUT_AT_PROVIDER", False),
         # Where the provider sends the browser back after that; unset, this app's home (not for APS, which
