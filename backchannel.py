@@ -137,7 +137,11 @@ def validate(token: str, issuer: str, jwks_url: str) -> dict:
         raise InvalidLogoutToken("the token names no session (sub or sid)")
     if not _text(claims["jti"]):
         raise InvalidLogoutToken("jti must be a string")
-    if _issued_at(claims) < utcnow() - MAX_AGE - CLOCK_SKEW:
+    try:
+        issued_at = _issued_at(claims)
+    except (OverflowError, ValueError, OSError):
+        raise InvalidLogoutToken("iat is not a time") from None
+    if issued_at < utcnow() - MAX_AGE - CLOCK_SKEW:
         raise InvalidLogoutToken("the token is too old")
     return claims
 

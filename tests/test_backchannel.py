@@ -180,3 +180,9 @@ def test_it_needs_no_csrf_token_but_is_rate_limited(app_factory, oidc):
 def test_providers_without_back_channel_logout_refuse_it(client):
     reply = client.post("/auth/backchannel-logout", data={"logout_token": "x"})
     assert reply.status_code == 400 and reply.get_json()["error"] == "invalid_request"
+
+
+def test_a_signed_token_with_an_absurd_iat_is_400_not_500(app, oidc):
+    issuer, _ = oidc
+    sign_in(app)
+    assert post(app, logout_token(issuer, iat=10**20)).status_code == 400
