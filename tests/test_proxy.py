@@ -193,3 +193,36 @@ def test_random_paths_and_queries_never_get_a_5xx_nor_leave_the_list(client, sta
             assert all(s not in ("..", ".", "%2e", "%2E") and "%2F" not in s and "%5C" not in s for s in segments), segments
 
     probe()
+
+
+@pytest.fixture
+def api_over_http(app):
+    """Serve the app's own stand-in over real HTTP on a port of its own, and point the proxy at it: a real socket, streamed."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app.extensions["standin"], threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    app.config["APS_API_URL"] = f"http://127.0.0.1:{server.server_port}"
+    yield
+    server.shutdown()
+    thread.join()
+
+
+def test_over_a_real_connection_the_time_and_size_bounds_hold(app, client, standin, api_over_http):
+    sign_in(client)
+    assert client.get("/api/aps/project/v1/hubs").status_code == 200
+    app.config["APS_PROXY_TIMEOUT"] = 1
+    standin.inject("api_slow", delay=2)
+    slow = client.get("/api/aps/project/v1/hubs")
+    assert slow.status_code == 504 and slow.json["error"] == "upstream_timeout"
+    app.config["APS_PROXY_TIMEOUT"] = 10
+    standin.inject("api_large", delay=1)  # a mebibyte, announced in Content-Length
+    app.config["APS_PROXY_MAX_BYTES"] = 64 * 1024
+    large = client.get("/api/aps/project/v1/hubs")
+    assert large.status_code == 502 and large.json["error"] == "upstream_too_large"
+    standin.inject("api_5xx")
+    assert client.get("/api/aps/project/v1/hubs").status_code == 502
+    assert client.get("/api/session").status_code == 200
