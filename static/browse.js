@@ -69,12 +69,27 @@
     return rel && rel.links && rel.links.related ? viaProxy(rel.links.related.href) : null;
   }
 
-  // What each kind of entry lists when opened, and what its children are.
-  function childrenUrl(entry) {
-    if (entry.type === "hubs") return related(entry, "projects");
-    if (entry.type === "projects") return related(entry, "topFolders");
-    if (entry.type === "folders") return related(entry, "contents");
+  // What each kind of entry lists when opened: the link the API gave, else the path APS documents for it.
+  // context: the hub and project the entry belongs to.
+  function childrenUrl(entry, context) {
+    var id = encodeURIComponent(entry.id);
+    if (entry.type === "hubs") return related(entry, "projects") || apiPrefix + "project/v1/hubs/" + id + "/projects";
+    if (entry.type === "projects") {
+      var hub = context.hub && encodeURIComponent(context.hub);
+      return related(entry, "topFolders") || (hub ? apiPrefix + "project/v1/hubs/" + hub + "/projects/" + id + "/topFolders" : null);
+    }
+    if (entry.type === "folders") {
+      var project = context.project && encodeURIComponent(context.project);
+      return related(entry, "contents") || (project ? apiPrefix + "data/v1/projects/" + project + "/folders/" + id + "/contents" : null);
+    }
     return null;
+  }
+
+  // The hub and project that an entry's children belong to.
+  function contextBelow(entry, context) {
+    if (entry.type === "hubs") return { hub: entry.id, project: null };
+    if (entry.type === "projects") return { hub: context.hub, project: entry.id };
+    return context;
   }
 
   function label(entry) {
@@ -94,7 +109,7 @@
     return derivative && derivative.data ? derivative.data.id : null;
   }
 
-  function makeItem(entry, included, level, position, size) {
+  function makeItem(entry, included, context, level, position, size) {
     var li = document.createElement("li");
     li.setAttribute("role", "treeitem");
     li.setAttribute("aria-level", String(level));
@@ -112,11 +127,14 @@
     li.setAttribute("aria-labelledby", name.id);
     row.append(name);
     li.append(row);
-    var url = childrenUrl(entry);
+    var url = childrenUrl(entry, context);
     if (url) {
+      var below = contextBelow(entry, context);
       li.setAttribute("aria-expanded", "false");
       li.dataset.url = url;
       li.dataset.name = label(entry);
+      li.dataset.hub = below.hub || "";
+      li.dataset.project = below.project || "";
     } else if (entry.type === "items") {
       var urn = viewerUrn(entry, included);
       if (urn) {
@@ -141,14 +159,14 @@
   }
 
   // Fill a group (the tree itself or an opened branch) with the entries at url.
-  function load(group, url, level, name) {
+  function load(group, url, level, name, context) {
     group.setAttribute("aria-busy", "true");
     group.replaceChildren(note("Loading…", "loading"));
     say("Loading " + name + "…");
     return getAll(url).then(
       function (list) {
         var entries = list.data.filter(function (e) { return !(e.attributes && e.attributes.hidden); });
-        var items = entries.map(function (entry, i) { return makeItem(entry, list.included, level, i + 1, entries.length); });
+        var items = entries.map(function (entry, i) { return makeItem(entry, list.included, context, level, i + 1, entries.length); });
         group.replaceChildren.apply(group, items.length ? items : [note("Nothing here.", "empty")]);
         group.removeAttribute("aria-busy");
         say("Loaded " + name + ": " + entries.length + (entries.length === 1 ? " entry." : " entries."), "ok");
@@ -166,7 +184,7 @@
         retry.type = "button";
         retry.textContent = "Try again";
         retry.addEventListener("click", function () {
-          load(group, url, level, name).then(function (ok) {
+          load(group, url, level, name, context).then(function (ok) {
             var first = ok && group.querySelector('[role="treeitem"]');
             if (first) focus(first);
           });
@@ -190,7 +208,8 @@
     group = document.createElement("ul");
     group.setAttribute("role", "group");
     item.append(group);
-    load(group, item.dataset.url, Number(item.getAttribute("aria-level")) + 1, item.dataset.name);
+    var context = { hub: item.dataset.hub || null, project: item.dataset.project || null };
+    load(group, item.dataset.url, Number(item.getAttribute("aria-level")) + 1, item.dataset.name, context);
   }
 
   function collapse(item) {
@@ -275,7 +294,7 @@
     tree.removeAttribute("aria-busy");
     tree.replaceChildren(note("This provider has no Data Management API to browse.", "empty"));
   } else {
-    load(tree, apiPrefix + "project/v1/hubs", 1, "your hubs").then(function (ok) {
+    load(tree, apiPrefix + "project/v1/hubs", 1, "your hubs", { hub: null, project: null }).then(function (ok) {
       var first = ok && tree.querySelector('[role="treeitem"]');
       if (first) first.tabIndex = 0;
     });

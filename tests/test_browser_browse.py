@@ -127,3 +127,34 @@ def test_person_browses_hubs_by_keyboard_across_a_silent_refresh_and_opens_a_fil
         assert page.request.get(server.url + path).status in (400, 404), path
     assert store.count("api") == before
     context.close()
+
+
+def test_entries_without_links_are_opened_by_the_paths_aps_documents(server, browser):
+    """Real APS answers may name no related links: the tree builds the documented paths from the ids instead."""
+    import json
+
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport=VIEWPORT)
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+
+    def without_links(route):
+        reply = route.fetch()
+        body = reply.json()
+        for entry in body.get("data", []):
+            for relationship in entry.get("relationships", {}).values():
+                relationship.pop("links", None)
+        route.fulfill(response=reply, body=json.dumps(body))
+
+    page.route("**/api/aps/**", without_links)
+    sign_in(page, server.url, "Linda Linkless", "/browse")
+    tree = page.get_by_role("tree")
+    company = tree.get_by_role("treeitem", name="Stand-in Construction", exact=True)
+    company.locator(".tree-label").first.click()
+    project = company.get_by_role("treeitem", name="Riverside Clinic", exact=True)
+    project.locator(".tree-label").first.click()
+    plans = project.get_by_role("treeitem", name="Plans", exact=True)
+    plans.locator(".tree-label").first.click()
+    expect(plans.locator('[role="treeitem"]')).to_have_count(12)
+    context.close()
