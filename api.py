@@ -1,11 +1,16 @@
 """JSON for scripts and the browser: who is signed in, a proof of a working token, health."""
 
-from flask import Blueprint, abort, current_app, g, jsonify, request
+from datetime import UTC, datetime
+
+from flask import Blueprint, abort, current_app, g, jsonify, request, url_for
+from sqlalchemy import select
 
 import bearer
+import csrf
 import downscope
+import pages
 import tokens
-from models import utcnow
+from models import RefreshEvent, db, utcnow
 
 bp = Blueprint("api", __name__)
 
@@ -17,11 +22,29 @@ def healthz():
 
 @bp.get("/api/session")
 def session():
+    """Describe the sign-in for a front end: who, how fresh, and how to sign out; never a token.
+
+    Reading it does not keep the session alive (app.PASSIVE_ENDPOINTS): no last-seen write, no
+    refresh, no cookie renewal. A page may poll it; the session still ends when the person is gone.
+    """
     user = _signed_in()
+    attempts = select(RefreshEvent.at, RefreshEvent.outcome).where(RefreshEvent.user_id == user.id, RefreshEvent.kind == "access")
+    last = db.session.execute(attempts.order_by(RefreshEvent.id.desc()).limit(1)).first()
+    # An attempt from before the latest sign-in says nothing about the grant in use now.
+    if last is not None and user.signed_in_at and last.at < user.signed_in_at:
+        last = None
+    expires_at = user.access_expires_at
     return jsonify(
         signed_in=True,
         user={"id": user.id, "name": user.name, "email": user.email},
-        access_token_expires_at=user.access_expires_at.isoformat(),
+        access_token_expires_at=_iso(expires_at),
+        access_token_fresh=not tokens.is_stale(expires_at),
+        access_token_refreshed_at=_iso(pages.last_issued(user, "access")),
+        last_refresh=None if last is None else {"at": _iso(last.at), "outcome": last.outcome},
+        last_refresh_failed=last is not None and last.outcome != "refreshed",
+        session_expires_at=_iso(g.session.expires_at),
+        sign_out_url=url_for("auth.logout"),
+        csrf_token=csrf.token(),
     )
 
 
@@ -49,3 +72,11 @@ def _signed_in():
     if g.get("user") is None:
         abort(401)
     return g.user
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # a bare column read on SQLite loses the zone
+    return moment.isoformat()

@@ -18,12 +18,14 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import api
 import auth
+import backchannel
 import config
 import csrf
 import housekeeping
 import keys
 import limits
 import pages
+import proxy
 import sessions
 import standin
 import tokens
@@ -33,6 +35,8 @@ from redirects import safe_next
 from standin.inprocess import WSGIAdapter
 from standin.store import private_sqlite_file
 
+# Endpoints that never extend a session: a tab left open polling them lets the session end when the person is gone.
+PASSIVE_ENDPOINTS = {"api.session"}
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 migrate = Migrate()
 
@@ -63,6 +67,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(proxy.bp)
+    app.register_blueprint(backchannel.bp)
     app.before_request(load_person)
     app.after_request(security_headers)
     app.after_request(sessions.slide_cookie)
@@ -94,13 +100,16 @@ def load_person() -> Response | None:
                 g.drop_session_cookie = True
                 return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=1))
             session = None
+    # A session status a page may poll reads the session without keeping it alive: no last-seen, no refresh.
+    g.passive = request.endpoint in PASSIVE_ENDPOINTS
     if session is not None:
         g.session, g.user = session, person
-        sessions.touch(session)
+        if not g.passive:
+            sessions.touch(session)
     elif request.cookies.get(sessions.cookie_name()) and g.session_id_hash is None:
         g.drop_session_cookie = True  # tampered or unknown: simply signed out
     csrf.protect()
-    if g.user is not None and request.endpoint not in ("auth.logout", "auth.logout_everywhere", "auth.callback"):
+    if g.user is not None and not g.passive and request.endpoint not in ("auth.logout", "auth.logout_everywhere", "auth.callback"):
         g.user = tokens.ensure_fresh_access_token(g.user, trigger=f"{request.method} {request.path}")
     return None
 

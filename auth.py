@@ -5,10 +5,12 @@ import hashlib
 import hmac
 import secrets
 import unicodedata
+from urllib.parse import urljoin
 
 from flask import Blueprint, Response, abort, current_app, g, make_response, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
+import backchannel
 import downscope
 import sessions
 import tokens
@@ -37,9 +39,9 @@ def login() -> Response:
     scope = current_app.config["OAUTH_SCOPES"]
     # APS requires a nonce with openid; identity comes from userinfo, so it is not checked later.
     nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
-    url = provider.authorize_url(
-        redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt="none" if silent else None
-    )
+    # prompt=login: "Sign in as someone else" asks the provider for its form even while it knows this browser.
+    prompt = "none" if silent else "login" if request.args.get("prompt") == "login" else None
+    url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt=prompt)
     response = redirect(url)
     if silent:
         secure = current_app.config["SESSION_COOKIE_SECURE"]
@@ -107,10 +109,13 @@ def callback() -> Response:
             return _failed(400, "The provider did not say who you are.", "Please start again.")
         return _failed(400, "The provider named you in a way this app cannot store.", "Please contact the app's administrator.")
 
-    if g.get("session_id_hash"):
+    if g.get("session") is not None and g.user.subject != subject:
+        # Someone else signed in on this browser: the previous person is signed out here, as by "Sign out".
+        tokens.revoke(tokens.end_sessions(g.session.user_id, {g.session_id_hash}))
+    elif g.get("session_id_hash"):
         sessions.end(g.session_id_hash)  # a new id at every sign-in (no session fixation), live or ended
     user = tokens.save_sign_in(subject, _storable(info.get("name")), _storable(info.get("email")), grant)
-    cookie = sessions.start(user)
+    cookie = sessions.start(user, provider_sid=backchannel.sid_of(grant.id_token))
     db.session.commit()
     _prefetch_viewer_token(user)
     response = redirect(flow["next"])
@@ -174,10 +179,24 @@ def _end_sessions(chosen: set[str] | None, next_path: str = "/") -> Response:
     this_ended = chosen is None or g.session_id_hash in chosen
     # The local state goes first and for good; the provider is told afterwards, best effort.
     tokens.revoke(tokens.end_sessions(g.session.user_id, chosen))
-    response = redirect(url_for("pages.home") if this_ended else next_path)
+    at_provider = provider_logout_url() if this_ended else None
+    response = redirect(at_provider or (url_for("pages.home") if this_ended else next_path))
     if this_ended:
         sessions.clear_cookie(response)
     return response
+
+
+def provider_logout_url() -> str | None:
+    """Return where to send the browser after a sign-out here to end its session at the provider too, if set up to."""
+    config = current_app.config
+    if not config["OAUTH_LOGOUT_AT_PROVIDER"]:
+        return None
+    back = config["OAUTH_POST_LOGOUT_REDIRECT_URI"]
+    if not back and config["OAUTH_PROVIDER"] != "autodesk":
+        # This app's home, on the origin registered with the provider (not one built from the Host header) when there is one.
+        registered = config["OAUTH_REDIRECT_URI"]
+        back = urljoin(registered, "/") if registered else url_for("pages.home", _external=True)
+    return current_app.extensions["provider"].logout_url(back)
 
 
 def redirect_uri() -> str:

@@ -1,4 +1,4 @@
-"""Calls that carry the person's access token to a resource server (today: the provider's userinfo).
+"""Calls that carry the person's access token to a resource server: the provider's userinfo, its API (proxy.py).
 
 An access token can die before its expiry: revoked by a sign-out elsewhere, or killed by a provider
 that revokes the previous access token at every rotation. Every such call goes through

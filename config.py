@@ -2,6 +2,7 @@
 
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,16 @@ DEFAULT_SCOPES = {
     "autodesk": "user-profile:read data:read data:write viewables:read",
     "oidc": "openid profile email offline_access",
 }
+
+# Data Management paths /api/aps/ forwards to the provider's API host ("*" is one path segment):
+# hubs, projects, top folders, folder contents and item versions.
+APS_PROXY_PATHS = (
+    "project/v1/hubs",
+    "project/v1/hubs/*/projects",
+    "project/v1/hubs/*/projects/*/topFolders",
+    "data/v1/projects/*/folders/*/contents",
+    "data/v1/projects/*/items/*/versions",
+)
 
 APP_ENVS = ("development", "production")
 # A signing key shorter than this is guessable offline from one signed cookie.
@@ -70,6 +81,13 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
     revocation_url = env("OAUTH_REVOCATION_URL")
     if revocation_url:
         _check_url("OAUTH_REVOCATION_URL", revocation_url)
+    # The API host behind /api/aps/; unset, APS's own (the stand-in serves the same paths under its issuer), none for oidc.
+    api_url = env("APS_API_URL")
+    if api_url:
+        _check_url("APS_API_URL", api_url)
+    post_logout_uri = env("OAUTH_POST_LOGOUT_REDIRECT_URI")
+    if post_logout_uri:
+        _check_url("OAUTH_POST_LOGOUT_REDIRECT_URI", post_logout_uri)
     backchannel_url = env("OAUTH_BACKCHANNEL_URL")
     if backchannel_url:
         _check_url("OAUTH_BACKCHANNEL_URL", backchannel_url)
@@ -107,6 +125,18 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         "STANDIN_ACCESS_TOKEN_TTL": _int(environ, "STANDIN_ACCESS_TOKEN_TTL", 3599),
         "STANDIN_STRICT": _bool(environ, "STANDIN_STRICT", False),
         "SIGNIN_RATE_LIMIT": env("SIGNIN_RATE_LIMIT", "20/minute"),
+        # Back-channel logout requests per address and worker (OAUTH_PROVIDER=oidc); "off" disables the limit.
+        "BACKCHANNEL_LOGOUT_RATE_LIMIT": env("BACKCHANNEL_LOGOUT_RATE_LIMIT", "60/minute"),
+        # After a sign-out here, also end the person's session at the provider (its end-session endpoint).
+        "OAUTH_LOGOUT_AT_PROVIDER": _bool(environ, "OAUTH_LOGOUT_AT_PROVIDER", False),
+        # Where the provider sends the browser back after that; unset, this app's home (not for APS, which
+        # redirects only to URIs Autodesk approved).
+        "OAUTH_POST_LOGOUT_REDIRECT_URI": post_logout_uri,
+        "APS_API_URL": api_url.rstrip("/") if api_url else None,
+        "APS_PROXY_PATHS": _paths(environ.get("APS_PROXY_PATHS")),
+        # An API answer must come whole within this many seconds and bytes, or the proxy answers 504 / 502.
+        "APS_PROXY_TIMEOUT": _int(environ, "APS_PROXY_TIMEOUT", 10),
+        "APS_PROXY_MAX_BYTES": _int(environ, "APS_PROXY_MAX_BYTES", 2 * 1024 * 1024),
     }
     return config
 
@@ -130,7 +160,7 @@ def check(config: Mapping) -> None:
             # Otherwise it is built from the Host header, which the client chooses.
             raise ConfigError("OAUTH_REDIRECT_URI must be set in production (the https://.../auth/callback registered with the provider).")
         # Codes, tokens and the client secret travel to and from these: only over TLS, or within this machine.
-        for name in ("OAUTH_ISSUER", "OAUTH_REDIRECT_URI", "OAUTH_USERINFO_URL"):
+        for name in ("OAUTH_ISSUER", "OAUTH_REDIRECT_URI", "OAUTH_USERINFO_URL", "APS_API_URL", "OAUTH_POST_LOGOUT_REDIRECT_URI"):
             if config.get(name) and not _https_or_loopback(config[name]):
                 raise ConfigError(f"{name} must use https in production (plain http only on the loopback), got {config[name]!r}.")
 
@@ -168,6 +198,17 @@ def _check_url(name: str, value: str) -> None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{name} must be an absolute http(s) URL, got {value!r}.")
+
+
+def _paths(raw: str | None) -> tuple[str, ...]:
+    """Read APS_PROXY_PATHS: path templates separated by spaces or commas, literal segments or "*"."""
+    if raw is None or not raw.strip():
+        return APS_PROXY_PATHS
+    templates = tuple(raw.replace(",", " ").split())
+    for template in templates:
+        if not all(seg == "*" or re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", seg) for seg in template.strip("/").split("/")):
+            raise ConfigError(f"APS_PROXY_PATHS holds path templates such as data/v1/projects/*/folders/*/contents, got {template!r}.")
+    return tuple(t.strip("/") for t in templates)
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:

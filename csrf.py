@@ -12,6 +12,8 @@ import hmac
 from flask import abort, current_app, g, request
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+# The provider's server-to-server logout: no browser, no cookie; the provider's signature authenticates it.
+EXEMPT = {"backchannel.logout"}
 
 
 def token() -> str:
@@ -26,6 +28,8 @@ def protect() -> None:
     """Abort with 403 unless an unsafe request comes from our own pages."""
     if request.routing_exception is not None:
         return  # no route takes it (404/405): it changes nothing, and the true answer is clearer
+    if request.endpoint in EXEMPT:
+        return
     site = request.headers.get("Sec-Fetch-Site")
     if request.method in SAFE_METHODS:
         # A link from another site (or the provider's redirect back) is a navigation; an

@@ -8,6 +8,7 @@ the app must trust that proxy's X-Forwarded-For (werkzeug's ProxyFix); otherwise
 shares the proxy's address and one limit.
 """
 
+import json
 import re
 import threading
 import time
@@ -59,14 +60,14 @@ class RateLimiter:
             del self.hits[key]
 
 
-def parse_rate(value: str | None) -> tuple[int, int] | None:
+def parse_rate(value: str | None, name: str = "SIGNIN_RATE_LIMIT") -> tuple[int, int] | None:
     """Read "20/minute" as (20, 60); "off" (or empty) as None."""
     text = (value or "").strip().lower()
     if text in ("", "off", "0", "none", "false"):
         return None
     match = re.fullmatch(r"(\d+)\s*/\s*(second|minute|hour)", text)
     if not match or int(match[1]) < 1:
-        raise ConfigError(f"SIGNIN_RATE_LIMIT must look like 20/minute (per second, minute or hour) or off, got {value!r}.")
+        raise ConfigError(f"{name} must look like 20/minute (per second, minute or hour) or off, got {value!r}.")
     return int(match[1]), UNITS[match[2]]
 
 
@@ -74,6 +75,8 @@ def init_app(app: Flask) -> None:
     """Install the size checks and, unless switched off, the sign-in rate limit."""
     rate = parse_rate(app.config.get("SIGNIN_RATE_LIMIT", "20/minute"))
     app.extensions["signin_limiter"] = RateLimiter(*rate) if rate else None
+    logouts = parse_rate(app.config.get("BACKCHANNEL_LOGOUT_RATE_LIMIT", "60/minute"), "BACKCHANNEL_LOGOUT_RATE_LIMIT")
+    app.extensions["backchannel_limiter"] = RateLimiter(*logouts) if logouts else None
     if app.config.get("MAX_CONTENT_LENGTH") is None:  # Flask's default is no limit
         app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.before_request(check_size)
@@ -94,7 +97,9 @@ def check_size() -> None:
 
 
 def check_rate() -> Response | None:
-    """Answer 429 when this client address has started too many sign-ins lately."""
+    """Answer 429 when this client address has started too many sign-ins (or sent too many logout tokens) lately."""
+    if request.endpoint == "backchannel.logout":
+        return _check_backchannel()
     limiter = current_app.extensions.get("signin_limiter")
     if limiter is None or request.endpoint not in LIMITED_ENDPOINTS:
         return None
@@ -105,3 +110,14 @@ def check_rate() -> Response | None:
     detail = f"Too many sign-in attempts from your network. Please wait {seconds} seconds and try again."
     page = render_template("error.html", title="Too many sign-in attempts", detail=detail, retry=None)
     return Response(page, status=429, headers={"Retry-After": str(seconds)})
+
+
+def _check_backchannel() -> Response | None:
+    """Answer the provider's logout requests 429 beyond BACKCHANNEL_LOGOUT_RATE_LIMIT per address: each costs a signature check."""
+    limiter = current_app.extensions.get("backchannel_limiter")
+    wait = limiter.hit(request.remote_addr or "unknown") if limiter else 0
+    if not wait:
+        return None
+    seconds = str(max(1, round(wait)))
+    body = {"error": "temporarily_unavailable", "error_description": "too many logout requests"}
+    return Response(json.dumps(body), status=429, mimetype="application/json", headers={"Retry-After": seconds})

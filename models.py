@@ -106,6 +106,8 @@ class UserSession(db.Model):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     # The expiry this browser's cookie was last given, so the cookie can follow expires_at.
     cookie_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The provider's session id (the ID token's sid), so its back-channel logout can end just this session.
+    provider_sid: Mapped[str | None] = mapped_column(String(255), index=True)
 
     user: Mapped[User] = relationship(back_populates="sessions")
 
@@ -124,3 +126,13 @@ class RefreshEvent(db.Model):
     trigger: Mapped[str] = mapped_column(String(255), default="")
     # Requests that waited on this refresh's lock and then used its result instead of refreshing.
     waiters: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SeenLogoutToken(db.Model):
+    """A back-channel logout token already acted on, kept until it would be refused as too old anyway."""
+
+    __tablename__ = "seen_logout_tokens"
+
+    # SHA-256 of the issuer and the token's jti: a replayed token is refused (OIDC Back-Channel Logout 1.0 §2.6).
+    jti_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -1,4 +1,4 @@
-"""What a person sees: home, the token lifecycle made visible, their devices, and the viewer demo."""
+"""What a person sees: home, the token lifecycle made visible, their devices, their hubs, and the viewer demo."""
 
 import functools
 import re
@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from flask import Blueprint, Response, abort, current_app, g, jsonify, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
+import proxy
 from models import RefreshEvent, User, UserSession, db, utcnow
 from redirects import safe_next
 from tokens import REFRESH_TOKEN_LIFETIME
@@ -77,6 +78,13 @@ def devices():
     return render_template("devices.html", rows=rows)
 
 
+@bp.get("/browse")
+@login_required
+def browse():
+    """Show the person's hubs as a tree that static/browse.js fills, level by level, through /api/aps/."""
+    return render_template("browse.html", upstream=proxy.api_base() or "", api_prefix=proxy.PREFIX)
+
+
 @bp.get("/viewer")
 @login_required
 def viewer():
@@ -107,8 +115,8 @@ def lifecycle(user: User) -> dict:
     events = (
         db.session.execute(select(RefreshEvent).where(RefreshEvent.user_id == user.id).order_by(RefreshEvent.id.desc()).limit(RECENT_REFRESHES)).scalars().all()
     )
-    access_issued = _latest(user, "access")
-    viewer_issued = _latest(user, "viewer")
+    access_issued = last_issued(user, "access")
+    viewer_issued = last_issued(user, "viewer")
     sessions = db.session.execute(select(func.count()).where(UserSession.user_id == user.id, UserSession.expires_at > now)).scalar_one()
 
     def since(moment: datetime | None) -> float | None:
@@ -162,7 +170,7 @@ def lifecycle(user: User) -> dict:
     }
 
 
-def _latest(user: User, kind: str) -> datetime | None:
+def last_issued(user: User, kind: str) -> datetime | None:
     """Return when the person's access (or viewer) token was last refreshed."""
     query = select(func.max(RefreshEvent.at)).where(RefreshEvent.user_id == user.id, RefreshEvent.kind == kind, RefreshEvent.outcome == "refreshed")
     latest = db.session.execute(query).scalar_one_or_none()

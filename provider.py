@@ -50,6 +50,8 @@ class Endpoints:
     revoke: str | None
     introspect: str | None
     logout: str | None
+    # The provider's signing keys (OIDC discovery's jwks_uri): back-channel logout tokens are checked against them.
+    jwks: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class TokenResponse:
     expires_in: int
     refresh_token: str | None
     scope: str | None
+    # Only its sid claim is read (backchannel.py), so a provider's back-channel logout can name this session.
+    id_token: str | None = None
 
 
 def aps_endpoints(issuer: str, userinfo: str | None = None) -> Endpoints:
@@ -92,6 +96,7 @@ def discover(issuer: str, http: requests.Session, timeout: float, userinfo: str 
             revoke=revocation or _revocation(doc) or _revocation(more),
             introspect=_introspection(doc) or _introspection(more),
             logout=doc.get("end_session_endpoint"),
+            jwks=doc.get("jwks_uri"),
         )
     except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"OAUTH_ISSUER discovery document {url} could not be read ({type(exc).__name__}).") from None
@@ -164,6 +169,16 @@ class Provider:
             params["prompt"] = "consent"
         return f"{self.endpoints.authorize}?{urlencode(params)}"
 
+    def logout_url(self, post_logout_redirect_uri: str | None = None) -> str | None:
+        """Return the provider's end-session URL (OIDC RP-Initiated Logout; APS v2 logout), or None without one."""
+        if not self.endpoints.logout:
+            return None
+        if not post_logout_redirect_uri:
+            return self.endpoints.logout
+        # With no id_token_hint, RP-Initiated Logout 1.0 wants client_id to check the redirect against.
+        params = {"post_logout_redirect_uri": post_logout_redirect_uri, "client_id": self.client_id}
+        return f"{self.endpoints.logout}?{urlencode(params)}"
+
     def exchange_code(self, code: str, redirect_uri: str, code_verifier: str) -> TokenResponse:
         return self._token({"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": code_verifier})
 
@@ -201,6 +216,7 @@ class Provider:
                 expires_in=int(body.get("expires_in", 3599)),
                 refresh_token=body.get("refresh_token"),
                 scope=body.get("scope"),
+                id_token=body["id_token"] if isinstance(body.get("id_token"), str) else None,
             )
         except (KeyError, TypeError, ValueError):
             raise ProviderUnavailable("token response without a usable access_token", delivered=True) from None

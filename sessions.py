@@ -45,12 +45,17 @@ def hash_id(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
 
 
-def start(user: User) -> str:
-    """Create a new session for the person and return the signed cookie value."""
+def start(user: User, provider_sid: str | None = None) -> str:
+    """Create a new session for the person and return the signed cookie value.
+
+    provider_sid: the provider's session id (the ID token's sid), which its back-channel logout names.
+    """
     session_id = secrets.token_urlsafe(32)
     expires_at = user.refresh_expires_at or utcnow() + timedelta(days=1)
     agent = request.headers.get("User-Agent", "")[:255]
-    db.session.add(UserSession(id_hash=hash_id(session_id), user=user, user_agent=agent, expires_at=expires_at, cookie_expires_at=expires_at))
+    session = UserSession(id_hash=hash_id(session_id), user=user, user_agent=agent, expires_at=expires_at, cookie_expires_at=expires_at)
+    session.provider_sid = provider_sid
+    db.session.add(session)
     return _signer().sign(session_id).decode()
 
 
@@ -144,7 +149,7 @@ def slide_cookie(response: Response) -> Response:
     sign a daily user out on day 15 while the server still holds a live grant.
     """
     session = g.get("session")
-    if session is None or g.get("session_cookie_written") or g.get("drop_session_cookie"):
+    if session is None or g.get("passive") or g.get("session_cookie_written") or g.get("drop_session_cookie"):
         return response
     expires_at, told = session.expires_at, session.cookie_expires_at
     user = g.get("user")

@@ -6,7 +6,8 @@ single-use rotating refresh tokens that live 15 days; one refresh token per pers
 refreshes narrowed to a subset of the granted scope. In strict mode, replaying a used refresh
 token also revokes the person's current one, as Keycloak and panva/oidc-provider do. Like a
 real provider it remembers the browser that signed in (a cookie of its own), so authorize with
-prompt=none signs that person in again without a form, or answers login_required.
+prompt=none signs that person in again without a form, or answers login_required. It also serves
+a small APS Data Management API (standin/data.py) for the tokens it issues.
 """
 
 import base64
@@ -20,6 +21,7 @@ from urllib.parse import urlencode, urlsplit
 from flask import Flask, Response, abort, g, jsonify, redirect, render_template, request
 from sqlalchemy import delete, select, update
 
+from standin import data
 from standin.store import Store, access_tokens, digest, refresh_tokens
 
 REFRESH_TTL = 15 * 24 * 3600
@@ -198,6 +200,7 @@ def create_app(settings: Mapping) -> Flask:
         person = store.person(access["sub"])
         return jsonify(sub=person["sub"], name=person["name"], preferred_username=person["name"], email=person["email"], email_verified=True)
 
+    data.register(app, store, issuer)
     return app
 
 

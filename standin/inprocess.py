@@ -43,6 +43,7 @@ class WSGIAdapter(BaseAdapter):
         response.status_code = reply.status_code
         response.headers = CaseInsensitiveDict(reply.headers)
         response._content = reply.get_data()
+        response._content_consumed = True  # iter_content (a streaming caller) reads _content, there is no raw stream
         response.encoding = reply.mimetype_params.get("charset", "utf-8")
         response.url = request.url
         response.request = request

@@ -90,7 +90,7 @@ events = Table(
 )
 
 # Faults to inject into the next token requests: 5xx, invalid_grant, timeout (slow, then done),
-# hang (slow, then nothing done) and drop (done, then the reply is lost).
+# hang (slow, then nothing done) and drop (done, then the reply is lost); api_* ones into the next API calls.
 faults = Table(
     "faults",
     metadata,
@@ -102,7 +102,10 @@ faults = Table(
     Column("taken_by", Integer, nullable=True),
 )
 
-FAULT_KINDS = {"5xx", "timeout", "hang", "drop", "invalid_grant"}
+TOKEN_FAULTS = {"5xx", "timeout", "hang", "drop", "invalid_grant"}
+# Faults of the Data Management API (standin/data.py): a 503, a slow answer (delay), an oversized one (delay = MiB).
+API_FAULTS = {"api_5xx", "api_slow", "api_large"}
+FAULT_KINDS = TOKEN_FAULTS | API_FAULTS
 
 
 def digest(token: str) -> str:
@@ -253,10 +256,11 @@ class Store:
         with self.transaction() as conn:
             conn.execute(delete(faults))
 
-    def take_fault(self) -> dict | None:
-        """Consume one injected fault, if any is pending."""
+    def take_fault(self, kinds: set[str] = TOKEN_FAULTS) -> dict | None:
+        """Consume one injected fault of these kinds, if any is pending."""
+        pending = select(faults).where(faults.c.remaining > 0, faults.c.kind.in_(sorted(kinds))).order_by(faults.c.id)
         with self.transaction() as conn:  # a write transaction: two processes never take the same last fault
-            row = conn.execute(select(faults).where(faults.c.remaining > 0).order_by(faults.c.id).with_for_update()).mappings().first()
+            row = conn.execute(pending.with_for_update()).mappings().first()
             if row is None:
                 return None
             conn.execute(update(faults).where(faults.c.id == row["id"]).values(remaining=faults.c.remaining - 1, taken_by=os.getpid()))

@@ -161,3 +161,9 @@ def stored_user(app, name: str = "Ada Lovelace") -> User | None:
         if user is not None:
             db.session.expunge(user)
         return user
+
+
+@pytest.fixture
+def standin_for():
+    """Return the embedded stand-in's store of an app made by app_factory."""
+    return lambda app: app.extensions["standin"].extensions["standin_store"]

@@ -2,7 +2,7 @@
 
 from urllib.parse import parse_qs, urlsplit
 
-from conftest import sign_in
+from conftest import sign_in, stored_user
 
 
 def test_sign_in_round_trip_starts_a_session(client):
@@ -12,7 +12,8 @@ def test_sign_in_round_trip_starts_a_session(client):
     me = client.get("/api/session").get_json()
     assert me["signed_in"] is True
     assert me["user"]["name"] == "Ada Lovelace"
-    assert "token" not in str(me).replace("access_token_expires_at", "")
+    user = stored_user(client.application)
+    assert user.access_token not in str(me) and user.refresh_token not in str(me) and user.viewer_token not in str(me)
 
 
 def test_login_redirect_carries_state_and_pkce_s256(client):
@@ -23,3 +24,57 @@ def test_login_redirect_carries_state_and_pkce_s256(client):
     assert len(params["state"]) >= 32
     assert params["redirect_uri"] == "http://localhost/auth/callback"
     assert urlsplit(location).path == "/standin/authentication/v2/authorize"
+
+
+def test_sign_out_can_end_the_providers_session_too(app_factory):
+    app = app_factory(OAUTH_LOGOUT_AT_PROVIDER=True)
+    client = app.test_client()
+    sign_in(client)
+    csrf = client.get("/api/session").get_json()["csrf_token"]
+    out = client.post("/auth/logout", data={"csrf_token": csrf})
+    target = urlsplit(out.headers["Location"])
+    assert target.path == "/standin/authentication/v2/logout"
+    assert parse_qs(target.query) == {"post_logout_redirect_uri": ["http://localhost/"], "client_id": ["standin-client"]}
+    assert client.get("/api/session").status_code == 401  # signed out here before the provider is asked
+    back = client.get(target.path, query_string=target.query)
+    assert back.status_code == 302 and back.headers["Location"] == "http://localhost/"
+    # The provider forgot this browser too: a silent sign-in now needs its form.
+    authorize = urlsplit(client.get("/auth/login", query_string={"silent": "1"}).headers["Location"])
+    assert parse_qs(authorize.query)["prompt"] == ["none"]
+    answer = client.get(authorize.path, query_string=authorize.query)
+    assert parse_qs(urlsplit(answer.headers["Location"]).query)["error"] == ["login_required"]
+
+
+def test_sign_out_stays_here_unless_set_up_to_go_to_the_provider(client):
+    sign_in(client)
+    csrf = client.get("/api/session").get_json()["csrf_token"]
+    assert client.post("/auth/logout", data={"csrf_token": csrf}).headers["Location"] == "/"
+
+
+def test_aps_logout_has_no_redirect_back_unless_one_is_registered(app_factory):
+    import auth
+
+    app = app_factory(OAUTH_LOGOUT_AT_PROVIDER=True, OAUTH_PROVIDER="autodesk")
+    with app.test_request_context():
+        assert auth.provider_logout_url() == "http://localhost/standin/authentication/v2/logout"
+        app.config["OAUTH_POST_LOGOUT_REDIRECT_URI"] = "https://app.example/bye"
+        assert parse_qs(urlsplit(auth.provider_logout_url()).query)["post_logout_redirect_uri"] == ["https://app.example/bye"]
+
+
+def test_sign_in_as_someone_else_asks_for_the_providers_form_and_signs_the_first_person_out(app, client, standin):
+    sign_in(client)
+    ada = stored_user(app)
+    home = client.get("/").get_data(as_text=True)
+    assert 'href="/auth/login?prompt=login"' in home
+    login = client.get("/auth/login?prompt=login")
+    authorize = urlsplit(login.headers["Location"])
+    assert parse_qs(authorize.query)["prompt"] == ["login"]
+    # The provider remembers Ada's browser, but shows its form rather than signing her in again.
+    assert b"Your name" in client.get(authorize.path, query_string=authorize.query).data
+    consent = client.post(authorize.path, query_string=authorize.query, data={"name": "Grace Hopper"})
+    back = urlsplit(consent.headers["Location"])
+    assert client.get(back.path, query_string=back.query).status_code == 302
+    assert client.get("/api/session").get_json()["user"]["name"] == "Grace Hopper"
+    # This was Ada's only session: her grant is forgotten here and revoked at the provider.
+    assert stored_user(app).refresh_token is None
+    assert standin.refresh_token(ada.refresh_token)["status"] == "revoked"

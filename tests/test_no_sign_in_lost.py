@@ -55,7 +55,7 @@ def test_cookie_follows_the_rotations(app, client):
     sign_in(client)
     _age_sign_in(app, days=14)
     expire_access_token(app)
-    reply = client.get("/api/session")
+    reply = client.get("/api/profile")
     assert reply.status_code == 200
     cookie = _session_set_cookie(reply)
     assert cookie is not None, "the cookie was not re-issued after the rotation moved the session on"
@@ -69,7 +69,7 @@ def test_cookie_follows_the_rotations(app, client):
 def test_cookie_is_not_rewritten_on_every_request(app, client):
     sign_in(client)
     expire_access_token(app)
-    assert _session_set_cookie(client.get("/api/session")) is None  # moved by minutes, not a day
+    assert _session_set_cookie(client.get("/api/profile")) is None  # moved by minutes, not a day
 
 
 # 2. A rotation that is not stored is a sign-in lost.
@@ -199,7 +199,7 @@ def test_session_answered_sign_in_required_no_longer_counts_as_signed_in(app, cl
     with app.app_context():  # the grant was wiped (as the sign-out race did), the session row left behind
         db.session.execute(update(User).values(refresh_token=None, access_token=None, access_expires_at=None))
         db.session.commit()
-    assert client.get("/api/session").status_code == 401
+    assert client.get("/api/profile").status_code == 401
     other = app.test_client()
     sign_in(other)
     token = stored_user(app).refresh_token
@@ -226,7 +226,7 @@ def test_lost_rotation_shows_on_the_session_page(app, client, standin):
     sign_in(client)
     standin.inject("drop")
     expire_access_token(app)
-    assert client.get("/api/session").status_code == 401
+    assert client.get("/api/profile").status_code == 401
     sign_in(client)
     outcomes = [e["outcome"] for e in client.get("/api/lifecycle").get_json()["refreshes"]]
     assert "lost_rotation" in outcomes
@@ -267,7 +267,7 @@ def test_dead_grant_resumes_silently_on_the_same_page(app, client, standin):
 def test_dead_grant_seen_by_an_api_call_resumes_at_the_next_page(app, client, standin):
     sign_in(client)
     _kill_grant_at_provider(app, standin)
-    assert client.get("/api/session").status_code == 401
+    assert client.get("/api/profile").status_code == 401
     final, visited = _follow(client, client.get("/devices"))
     assert final.status_code == 200 and visited[-1] == "/devices"
     assert client.get("/api/session").status_code == 200

@@ -275,3 +275,14 @@ def test_provider_down_page_keeps_session_and_offers_try_again(app, client, stan
 )
 def test_describe_agent_names_browser_and_system(agent, described):
     assert describe_agent(agent) == described
+
+
+def test_browse_page_needs_a_sign_in_and_runs_no_inline_script(client):
+    assert client.get("/browse").headers["Location"].startswith("/auth/login?next=/browse")
+    sign_in(client)
+    page = client.get("/browse")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200
+    assert 'role="tree"' in html and 'data-api="/api/aps/"' in html and 'data-upstream="http://localhost/standin"' in html
+    assert "<script>" not in html and "script-src" not in page.headers["Content-Security-Policy"]  # default-src 'self' only
+    assert 'href="/browse" aria-current="page"' in html

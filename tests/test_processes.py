@@ -84,7 +84,7 @@ def test_gunicorn_workers_refresh_once_per_expiry(instance):
     for _ in range(5):
         wait_for_expiry(browser, server.url)
         before = store.count("refresh")
-        statuses = burst(browser, [f"{server.url}/api/profile", f"{server.url}/api/session"])
+        statuses = burst(browser, [f"{server.url}/api/profile", f"{server.url}/"])
         assert statuses == [200] * 50
         assert store.count("refresh") - before == 1
     assert store.count("refresh_rejected") == 0
@@ -100,7 +100,7 @@ def test_two_instances_share_one_refresh_per_expiry(instance):
     for _ in range(3):
         wait_for_expiry(browser, first.url)
         before = store.count("refresh")
-        urls = [f"{first.url}/api/profile", f"{second.url}/api/profile", f"{second.url}/api/session"]
+        urls = [f"{first.url}/api/profile", f"{second.url}/api/profile", f"{second.url}/"]
         assert burst(browser, urls) == [200] * 50
         assert store.count("refresh") - before == 1
     assert store.count("refresh_rejected") == 0
@@ -116,7 +116,7 @@ def test_worker_killed_while_holding_the_lock(instance):
     before = store.count("refresh")
 
     stuck: list[int | str] = []
-    holder = threading.Thread(target=lambda: stuck.extend(burst(browser, [f"{server.url}/api/session"], count=1)))
+    holder = threading.Thread(target=lambda: stuck.extend(burst(browser, [f"{server.url}/api/profile"], count=1)))
     holder.start()
     deadline = time.monotonic() + 20
     while not store.fault_takers() and time.monotonic() < deadline:
@@ -126,7 +126,7 @@ def test_worker_killed_while_holding_the_lock(instance):
 
     # Others queue behind the lock, then the holder dies mid-refresh.
     waiters: list[int | str] = []
-    queued = threading.Thread(target=lambda: waiters.extend(burst(browser, [f"{server.url}/api/session"], count=10)))
+    queued = threading.Thread(target=lambda: waiters.extend(burst(browser, [f"{server.url}/api/profile"], count=10)))
     queued.start()
     time.sleep(0.5)
     os.kill(victim, signal.SIGKILL)

@@ -31,7 +31,7 @@ def test_leeway_boundary(app, client, standin, seconds_left, refreshes):
         user.access_expires_at = utcnow() + timedelta(seconds=seconds_left)
         db.session.commit()
     before = standin.count("refresh")
-    assert client.get("/api/session").status_code == 200
+    assert client.get("/api/profile").status_code == 200
     assert standin.count("refresh") - before == refreshes
 
 
@@ -72,7 +72,7 @@ def test_dead_refresh_token_answers_401_json_for_api(app, client, standin):
     with standin.transaction() as conn:
         conn.execute(update(refresh_tokens).values(expires_at=0))
     expire_access_token(app)
-    reply = client.get("/api/session")
+    reply = client.get("/api/profile")
     assert reply.status_code == 401
     assert reply.get_json()["error"] == "sign_in_required"
     assert client.get("/api/session").status_code == 401  # the session is gone, not just this request
@@ -85,13 +85,13 @@ def test_provider_fault_answers_503_and_keeps_everything(app, client, standin, f
     before = stored_user(app)
     standin.inject(fault, delay=3)  # the app's refresh timeout is 2 s in tests
     expire_access_token(app)
-    reply = client.get("/api/session")
+    reply = client.get("/api/profile")
     assert reply.status_code == 503
     assert reply.get_json()["error"] == "provider_unavailable"
     after = stored_user(app)
     assert after.refresh_token == before.refresh_token
     assert after.refresh_unsure is False  # a lost "hang" reply was checked by introspection: the token still lives
-    assert client.get("/api/session").status_code == 200
+    assert client.get("/api/profile").status_code == 200
     assert stored_user(app).refresh_token != before.refresh_token
     assert standin.count("refresh_rejected") == 0
 
@@ -104,7 +104,7 @@ def test_lost_refresh_reply_is_a_lost_rotation_found_without_a_replay(app, clien
     expire_access_token(app)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="tokens"):
-        reply = client.get("/api/session")
+        reply = client.get("/api/profile")
     assert reply.status_code == 401
     assert reply.get_json()["error"] == "sign_in_required"
     assert standin.count("refresh_rejected") == 0  # the spent token was never replayed
@@ -130,11 +130,11 @@ def test_lost_reply_without_an_answer_from_introspection_stays_unsure_until_chec
         raise ProviderUnavailable("introspection down")
 
     app.extensions["provider"].introspect = down
-    assert client.get("/api/session").status_code == 503
+    assert client.get("/api/profile").status_code == 503
     assert stored_user(app).refresh_unsure is True
     assert stored_user(app).refresh_token == before.refresh_token
     app.extensions["provider"].introspect = introspect
-    assert client.get("/api/session").status_code == 401  # now it can say: rotated, and the reply lost
+    assert client.get("/api/profile").status_code == 401  # now it can say: rotated, and the reply lost
     assert standin.count("refresh_rejected") == 0
 
 
@@ -159,7 +159,7 @@ def test_waiter_rereads_after_lock_and_does_not_refresh(app, client, standin):
         other = app.test_client()
         other.set_cookie(*_session_cookie(client))
         statuses = []
-        worker = threading.Thread(target=lambda: statuses.append(other.get("/api/session").status_code))
+        worker = threading.Thread(target=lambda: statuses.append(other.get("/api/profile").status_code))
         worker.start()
         worker.join()
         assert statuses == [200]
@@ -178,7 +178,7 @@ def test_refresh_logs_one_structured_line_without_tokens(app, client, caplog):
     user = stored_user(app)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="tokens"):
-        client.get("/api/session")
+        client.get("/api/profile")
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tokens"]
     assert [line["outcome"] for line in lines] == ["refreshed"]
     assert {"user_id", "duration_ms", "waited", "trigger", "lock_wait_ms"} <= lines[0].keys()
@@ -234,7 +234,7 @@ def _session_cookie(client) -> tuple[str, str]:
 def test_signed_in_request_reads_one_row_and_decrypts_no_token(app, client):
     """Knowing who is signed in costs one SELECT and no decryption; tokens are decrypted where they are used."""
     sign_in(client)
-    client.get("/api/session")  # past the once-a-minute last-seen write
+    client.get("/")  # past the once-a-minute last-seen write
     statements, decrypted = [], []
     cipher = app.extensions["token_cipher"]
     decrypt = cipher.decrypt
@@ -247,7 +247,7 @@ def test_signed_in_request_reads_one_row_and_decrypts_no_token(app, client):
 
     event.listen(engine, "before_cursor_execute", count)
     try:
-        assert client.get("/api/session").status_code == 200
+        assert client.get("/").status_code == 200
         assert (statements, decrypted) == ([statements[0]], [])
         assert statements[0].lstrip().upper().startswith("SELECT")
         statements.clear()

@@ -1,7 +1,8 @@
 // panva's oidc-provider (npm), configured strictly, for the interop tests (tests/test_interop.py).
 //
 // Everything comes from the environment: PORT, CLIENT_ID, CLIENT_SECRET, REDIRECT_URIS (space-separated)
-// and ACCESS_TTL (seconds). Its own login and consent pages (devInteractions) accept any login and password.
+// and ACCESS_TTL (seconds); with BACKCHANNEL_LOGOUT_URI, the client is registered for back-channel logout
+// (with sid in its ID and logout tokens), and signing out at the provider POSTs a logout token there. Its own login and consent pages (devInteractions) accept any login and password.
 // GET /_test/stats answers counters from the provider's events, so a test can tell how many refreshes
 // the provider served and whether it ever revoked a grant.
 
@@ -22,6 +23,9 @@ const configuration = {
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_basic',
+      ...(env.BACKCHANNEL_LOGOUT_URI
+        ? { backchannel_logout_uri: env.BACKCHANNEL_LOGOUT_URI, backchannel_logout_session_required: true }
+        : {}),
     },
   ],
   scopes: ['openid', 'offline_access', 'profile', 'email', 'viewables:read'],
@@ -46,8 +50,14 @@ const configuration = {
     devInteractions: { enabled: true },
     revocation: { enabled: true },
     introspection: { enabled: true },
+    backchannelLogout: { enabled: Boolean(env.BACKCHANNEL_LOGOUT_URI) },
   },
   cookies: { keys: ['interop-test-cookie-key'] },
+  // oidc-provider's SSRF guard refuses to call loopback addresses, where the app under test listens: this
+  // test provider calls its one back-channel logout URI anyway (without the guard's dispatcher).
+  ...(env.BACKCHANNEL_LOGOUT_URI
+    ? { fetch: (url, { dispatcher: _guard, ...options }) => globalThis.fetch(url, options) }
+    : {}),
 };
 
 const provider = new Provider(issuer, configuration);
@@ -70,6 +80,13 @@ provider.on('grant.revoked', () => {
 });
 provider.on('revocation.success', () => {
   stats.revocations += 1;
+});
+provider.on('backchannel.success', () => {
+  stats.backchannel_logouts = (stats.backchannel_logouts || 0) + 1;
+});
+provider.on('backchannel.error', (_ctx, error) => {
+  stats.backchannel_errors = (stats.backchannel_errors || 0) + 1;
+  console.log(`back-channel logout failed: ${error.message}`);
 });
 
 provider.use(async (ctx, next) => {
