@@ -39,13 +39,22 @@ def session():
         user={"id": user.id, "name": user.name, "email": user.email},
         access_token_expires_at=_iso(expires_at),
         access_token_fresh=not tokens.is_stale(expires_at),
-        access_token_refreshed_at=_iso(pages.last_issued(user, "access")),
+        access_token_refreshed_at=_iso(_refreshed_at(user, last)),
         last_refresh=None if last is None else {"at": _iso(last.at), "outcome": last.outcome},
         last_refresh_failed=last is not None and last.outcome != "refreshed",
         session_expires_at=_iso(g.session.expires_at),
         sign_out_url=url_for("auth.logout"),
         csrf_token=csrf.token(),
     )
+
+
+def _refreshed_at(user, last) -> datetime | None:
+    """Return when the access token in use was issued, from the latest attempt when that one succeeded (no second query)."""
+    if last is None:
+        return user.signed_in_at  # no refresh since the sign-in, which issued it
+    if last.outcome == "refreshed":
+        return last.at
+    return pages.last_issued(user, "access")  # the latest attempt failed: look further back
 
 
 @bp.get("/api/profile")

@@ -78,7 +78,7 @@ class Person:
     _full: User | None = None
 
     def __init__(self, row):
-        self.id, self.name, self.email, self.access_expires_at = row[5:]
+        self.id, self.name, self.email, self.access_expires_at, self.signed_in_at = row[5:]
 
     def __getattr__(self, name: str):
         if self._full is None:
@@ -128,6 +128,7 @@ _BY_ID_HASH = (
         User.name,
         User.email,
         User.access_expires_at,
+        User.signed_in_at,
     )
     .join(User, UserSession.user_id == User.id)
     .where(UserSession.id_hash == bindparam("id_hash"))
