@@ -167,3 +167,18 @@ def stored_user(app, name: str = "Ada Lovelace") -> User | None:
 def standin_for():
     """Return the embedded stand-in's store of an app made by app_factory."""
     return lambda app: app.extensions["standin"].extensions["standin_store"]
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium under Playwright for one test module; closed at its end, since one thread runs one Playwright at a time."""
+    from browser_server import CHROMIUM, launch_chromium, playwright_session
+
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing, and CI must run the browser tests")
+        pytest.skip(f"{CHROMIUM} is missing")
+    with playwright_session() as playwright:
+        browser = launch_chromium(playwright)
+        yield browser
+        browser.close()

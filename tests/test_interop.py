@@ -8,7 +8,6 @@ each provider's own login and consent pages in Chromium. OBSERVED holds what dif
 what the README's "Providers" table says.
 """
 
-import os
 import threading
 import time
 import uuid
@@ -19,7 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import pytest
 import requests
 
-from browser_server import CHROMIUM, VIEWPORT, launch_chromium, playwright_session
+from browser_server import VIEWPORT
 from conftest import fresh_postgres_database
 from oidc_op import CLIENT_ID, CLIENT_SECRET, DjangoOAuthToolkit, OidcProvider, stored_tokens
 from servers import Gunicorn, free_port, migrate, server_env
@@ -80,18 +79,6 @@ def setup(request):
 @pytest.fixture(scope="module")
 def op(setup, providers):
     return providers(setup[0])
-
-
-@pytest.fixture(scope="session")
-def chromium():
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing, and CI must run the interop tests")
-        pytest.skip(f"{CHROMIUM} is missing")
-    with playwright_session() as playwright:
-        browser = launch_chromium(playwright)
-        yield browser
-        browser.close()
 
 
 class App:

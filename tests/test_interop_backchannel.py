@@ -5,7 +5,6 @@ sid required; the app runs under gunicorn on SQLite and on PostgreSQL; the perso
 through the provider's own pages in Chromium. Nothing here signs a token: oidc-provider does.
 """
 
-import os
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,24 +13,12 @@ import psycopg
 import pytest
 import requests
 
-from browser_server import CHROMIUM, VIEWPORT, launch_chromium, playwright_session
+from browser_server import VIEWPORT
 from conftest import fresh_postgres_database
 from oidc_op import CLIENT_ID, CLIENT_SECRET, OidcProvider, stored_tokens
 from servers import Gunicorn, free_port, migrate, server_env
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow, pytest.mark.browser]
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing, and CI must run the interop tests")
-        pytest.skip(f"{CHROMIUM} is missing")
-    with playwright_session() as playwright:
-        browser = launch_chromium(playwright)
-        yield browser
-        browser.close()
 
 
 @contextmanager
