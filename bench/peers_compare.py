@@ -139,6 +139,7 @@ def refresh_one(name: str, folder, quick: bool, burst: int, workers: int, thread
         "server": name,
         "setup": f"2 instances x {workers} workers x {threads} threads, PostgreSQL, strict stand-in, {burst} requests per expiry",
         "expiries": expiries,
+        "requests": len(latency),
         "refreshes_per_expiry": [r["refreshes"] for r in rounds],
         "failed_per_expiry": [sum(1 for status in r["statuses"] if status != 200) for r in rounds],
         "failed_statuses": sorted({str(status) for r in rounds for status in r["statuses"] if status != 200}),

@@ -159,6 +159,7 @@ PEER_NAMES = {
     "P1": "P1 Flask-Login `user_loader` + `db.session.get` (signed cookie)",
     "P2": "P2 Flask-Login `request_loader` + session row",
 }
+PEER_SHORT_NAMES = {"ours": "ours", "P1": "P1 (`user_loader`, signed cookie)", "P2": "P2 (`request_loader`, session row)"}
 # Issue 16's targets: ours against the faster peer, and against bare /healthz per database.
 PEER_TARGET = 1.5
 HEALTHZ_TARGET = {"sqlite": 0.45, "postgresql": 0.35}
@@ -210,10 +211,10 @@ def peers_refresh_table(results: list[dict]) -> list[str]:
     ]
     for x in results:
         failed = sum(x["failed_per_expiry"])
-        statuses = f" ({', '.join(x['failed_statuses'])})" if failed else ""
+        statuses = f", answered {' or '.join(x['failed_statuses'])}" if failed else ""
         out.append(
-            f"| {PEER_NAMES[x['server']].split(',')[0]} | {', '.join(map(str, x['refreshes_per_expiry']))} | "
-            f"{', '.join(map(str, x['failed_per_expiry']))}: {failed} of {x['expiries'] * 50}{statuses} | "
+            f"| {PEER_SHORT_NAMES[x['server']]} | {', '.join(map(str, x['refreshes_per_expiry']))} | "
+            f"{', '.join(map(str, x['failed_per_expiry']))} ({failed} of {x['requests']}{statuses}) | "
             f"{', '.join(map(str, x['rejected_per_expiry']))} | {x['grant_revoked']} of {x['expiries']} | "
             f"{fmt(x['client_latency_ms_p50'])} / {fmt(x['client_latency_ms_p99'])} ms |"
         )
