@@ -91,12 +91,15 @@ def bench_env(folder: Path, database_url: str, issuer_port: int, **extra: str) -
     return env
 
 
-def start_server(env: dict, port: int, log_path: Path, workers: int = 3, threads: int = 4, tree: Path | None = None) -> Gunicorn:
+def start_server(
+    env: dict, port: int, log_path: Path, workers: int = 3, threads: int = 4, tree: Path | None = None, target: str = "app:create_app()"
+) -> Gunicorn:
     """Start a gunicorn instance; on a loaded machine keep waiting for a slow first answer, and never leak it.
 
     tree: serve the app from this copy of the code (a patched one) instead of the working tree.
+    target: the WSGI app gunicorn serves (a peer's, bench/peers/).
     """
-    server = Gunicorn(env, port, log_path, workers=workers, threads=threads)
+    server = Gunicorn(env, port, log_path, workers=workers, threads=threads, target=target)
     if tree is not None:
         server.args += ["--chdir", str(tree)]
     try:

@@ -14,11 +14,13 @@ from common import bench_env, cookie_header, database, free_port, http_sign_in, 
 WRK = "/usr/bin/wrk"
 
 
-def wrk(url: str, seconds: int, connections: int, cookie: str | None = None) -> dict:
+def wrk(url: str, seconds: int, connections: int, cookie: str | None = None, headers: tuple[str, ...] = ()) -> dict:
     """Run wrk against url and return requests/second, latency and the count of non-2xx answers."""
     args = [WRK, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
     if cookie:
         args[1:1] = ["-H", f"Cookie: {cookie}", "-H", "Accept: application/json"]
+    for header in headers:
+        args[1:1] = ["-H", header]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)

@@ -5,6 +5,7 @@
     .venv/bin/python bench/run.py --only hook,profile
     .venv/bin/python bench/run.py --patch bench/patches/waiters-wait-side-by-side.diff --only expiry
     .venv/bin/python bench/run.py --only soak       # the fault soak (bench/soak.py), not part of the default run
+    .venv/bin/python bench/run.py --only peers,peers-refresh   # ours beside the peers of bench/peers/
 
 Needs PostgreSQL at postgresql://postgres@127.0.0.1:5432/postgres (BENCH_POSTGRES_ADMIN) to create
 and drop its own databases, wrk (Debian package) and pyinstrument (requirements-dev.txt). Raw
@@ -15,14 +16,15 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, patched_tree, postgres_database, wait_for_load, workdir
+from common import RESULTS, ROOT, machine, median, patched_tree, postgres_database, wait_for_load, workdir
 
-ALL = ("hook", "profile", "expiry", "people", "people-slow", "storage")
+ALL = ("hook", "profile", "expiry", "people", "people-slow", "storage", "peers", "peers-refresh")
 # Run only when asked for by --only: the soak takes 6 minutes (quick: 1.5) and starts its own PostgreSQL as root.
 EXTRA = ("soak",)
 # The stand-in's answer to a refresh is delayed this long in "people-slow", like a provider across a network.
@@ -49,6 +51,8 @@ def main() -> None:
     folder = workdir(("quick" if args.quick else "full") + os.environ.get("BENCH_LABEL", ""))
     results: dict = {"quick": args.quick, "label": os.environ.get("BENCH_LABEL", ""), "machine": machine()}
     results["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    results["command"] = shlex.join([".venv/bin/python", "bench/run.py", *sys.argv[1:]])
+    results["commit"] = git_commit()
     for name in chosen:
         print(f"== {name}", file=sys.stderr)
         started = time.monotonic()
@@ -70,6 +74,15 @@ def run_patched(patches: list[str], argv: list[str]) -> int:
         return subprocess.run([sys.executable, str(copy / "bench" / "run.py"), *argv], env=env).returncode
 
 
+def git_commit() -> str:
+    """Name the code measured: the commit, marked when tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (" (modified)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def run_one(name: str, folder, quick: bool, compare: list[str]):
     if name == "hook":
         import hook
@@ -88,6 +101,14 @@ def run_one(name: str, folder, quick: bool, compare: list[str]):
 
         with postgres_database("bench_expiry") as url:
             return expiry.run(folder, url, quick)
+    if name == "peers":
+        import peers_compare
+
+        return [peers_compare.hook(kind, folder, quick) for kind in ("sqlite", "postgresql")]
+    if name == "peers-refresh":
+        import peers_compare
+
+        return peers_compare.refresh(folder, quick)
     if name == "people":
         import people
 
@@ -132,6 +153,84 @@ def people_table(results: list[dict]) -> list[str]:
     return [*out, ""]
 
 
+PEER_NAMES = {
+    "/healthz": "bare `/healthz` (our server)",
+    "ours": "ours, `/api/session`",
+    "P1": "P1 Flask-Login `user_loader` + `db.session.get` (signed cookie)",
+    "P2": "P2 Flask-Login `request_loader` + session row",
+}
+PEER_SHORT_NAMES = {"ours": "ours", "P1": "P1 (`user_loader`, signed cookie)", "P2": "P2 (`request_loader`, session row)"}
+# Issue 16's targets: ours against the faster peer, and against bare /healthz per database.
+PEER_TARGET = 1.5
+HEALTHZ_TARGET = {"sqlite": 0.45, "postgresql": 0.35}
+DATABASE_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def peers_table(results: list[dict]) -> list[str]:
+    """Ours beside the peers: median requests/s and ratios to bare /healthz, one column per database."""
+    out = [
+        f"**Ours beside two peers** (bench/peers/; wrk {results[0]['wrk']}; median requests/s, ÷ bare /healthz in brackets)",
+        "",
+        "| server | " + " | ".join(f"{DATABASE_NAMES[h['database']]} req/s (÷ /healthz)" for h in results) + " |",
+        "|---|" + "---:|" * len(results),
+    ]
+    for name, label in PEER_NAMES.items():
+        cells = []
+        for h in results:
+            rps, healthz = h["rps_median"][name], h["rps_median"]["/healthz"]
+            cells.append(fmt(rps) if name == "/healthz" else f"{fmt(rps)} ({rps / healthz:.2f})")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    versus_peer, versus_healthz = [], []
+    for h in results:
+        rps = h["rps_median"]
+        faster = max(("P1", "P2"), key=lambda name: rps[name])
+        ratio = rps["ours"] / rps[faster]
+        versus_peer.append(f"**{ratio:.2f}** ({faster}; >= {PEER_TARGET}: {met(ratio >= PEER_TARGET)})")
+        target = HEALTHZ_TARGET[h["database"]]
+        ratio = rps["ours"] / rps["/healthz"]
+        versus_healthz.append(f"**{ratio:.2f}** (>= {target}: {met(ratio >= target)})")
+    out.append("| ours ÷ the faster peer | " + " | ".join(versus_peer) + " |")
+    out.append("| ours ÷ bare /healthz | " + " | ".join(versus_healthz) + " |")
+    # The same ratios taken within each round (servers measured next to each other), then the median:
+    # steadier than the ratio of medians when other work on the machine comes and goes.
+    paired = []
+    for h in results:
+        rounds = h["rps"]
+        within = range(len(rounds["ours"]))
+        peer = median([rounds["ours"][i] / max(rounds["P1"][i], rounds["P2"][i]) for i in within])
+        healthz = median([rounds["ours"][i] / rounds["/healthz"][i] for i in within])
+        paired.append(f"{peer:.2f} / {healthz:.2f}")
+    out.append("| the same, median of per-round ratios (÷ faster peer / ÷ /healthz) | " + " | ".join(paired) + " |")
+    out.append("| failed requests, all servers | " + " | ".join(str(sum(h["failed_requests"].values())) for h in results) + " |")
+    return [*out, ""]
+
+
+def peers_refresh_table(results: list[dict]) -> list[str]:
+    """Ours beside the peers when 50 requests arrive at the instant the access token goes stale."""
+    first = results[0]
+    out = [
+        f"**Refresh under a burst at expiry, ours beside the peers** ({first['setup']}; {first['expiries']} expiries, each after a fresh sign-in)",
+        "",
+        "| server | refreshes at the provider, per expiry | failed requests, per expiry | replays rejected, per expiry "
+        "| grant revoked by replay detection | client latency p50 / p99 |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for x in results:
+        failed = sum(x["failed_per_expiry"])
+        statuses = f", answered {' or '.join(x['failed_statuses'])}" if failed else ""
+        out.append(
+            f"| {PEER_SHORT_NAMES[x['server']]} | {', '.join(map(str, x['refreshes_per_expiry']))} | "
+            f"{', '.join(map(str, x['failed_per_expiry']))} ({failed} of {x['requests']}{statuses}) | "
+            f"{', '.join(map(str, x['rejected_per_expiry']))} | {x['grant_revoked']} of {x['expiries']} | "
+            f"{fmt(x['client_latency_ms_p50'])} / {fmt(x['client_latency_ms_p99'])} ms |"
+        )
+    return [*out, ""]
+
+
 def markdown(r: dict) -> str:
     """Render the results as the README's tables."""
     m = r["machine"]
@@ -142,6 +241,8 @@ def markdown(r: dict) -> str:
         + (f"; patched: {r['label'][1:]}" if r.get("label") else ""),
         "",
     ]
+    if r.get("command"):
+        out += [f"Made by `{r['command']}` at commit {r['commit']}, {r['started']}.", ""]
     if "hook" in r:
         out += [
             "**1. Hook overhead** (one gunicorn, 2 workers x 4 threads; wrk " + r["hook"][0]["wrk"] + "; median requests/s)",
@@ -197,6 +298,10 @@ def markdown(r: dict) -> str:
             f"| client latency of all requests, p50 / p99 | {fmt(e['client_latency_ms_p50'])} / {fmt(e['client_latency_ms_p99'])} ms | |",
             "",
         ]
+    if "peers" in r:
+        out += peers_table(r["peers"])
+    if "peers-refresh" in r:
+        out += peers_refresh_table(r["peers-refresh"])
     for key in ("people", "people-slow"):
         if key in r:
             out += people_table(r[key])

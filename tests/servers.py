@@ -49,8 +49,8 @@ def migrate(env: dict) -> None:
 class Gunicorn:
     """One app instance: a gunicorn master with its workers, in its own process group."""
 
-    def __init__(self, env: dict, port: int, log_path: Path, workers: int = 3, threads: int = 4):
-        self.env, self.port, self.log_path = env, port, log_path
+    def __init__(self, env: dict, port: int, log_path: Path, workers: int = 3, threads: int = 4, target: str = "app:create_app()"):
+        self.env, self.port, self.log_path, self.target = env, port, log_path, target
         # gunicorn.conf.py: the image's access-log format and forwarded-header policy.
         self.args = ["--config", "gunicorn.conf.py", "--no-control-socket", "--bind", f"127.0.0.1:{port}"]
         self.args += ["--workers", str(workers), "--threads", str(threads), "--timeout", "60"]
@@ -63,7 +63,7 @@ class Gunicorn:
     def start(self) -> "Gunicorn":
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [BIN / "gunicorn", *self.args, "app:create_app()"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                [BIN / "gunicorn", *self.args, self.target], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
