@@ -41,7 +41,8 @@ def run(folder, database_url: str, quick: bool, burst: int = 50, workers: int = 
             before = store.count("refresh")
             started = time.time()
             # Alternate between the two instances, as a balancer would.
-            targets = [("127.0.0.1", servers[i % 2].port, "/api/session", cookie) for i in range(burst)]
+            # /api/session never refreshes (a front end may poll it); /api/profile uses the token, so it does.
+            targets = [("127.0.0.1", servers[i % 2].port, "/api/profile", cookie) for i in range(burst)]
             replies = fire(targets, together=True)
             time.sleep(0.3)  # let the servers write their log lines
             events = refresh_log(logs, since=started - 0.001)

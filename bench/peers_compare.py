@@ -120,7 +120,9 @@ def refresh_one(name: str, folder, quick: bool, burst: int, workers: int, thread
             time.sleep(max(0.0, expires - LEEWAY - time.time()) + 0.05)
             before = store.count("refresh"), store.count("refresh_rejected")
             # Alternate between the two instances, as a balancer would.
-            replies = fire([("127.0.0.1", servers[i % 2].port, "/api/session", cookie) for i in range(burst)], together=True)
+            # Ours answers /api/session without refreshing (a front end may poll it); /api/profile uses the token.
+            path = "/api/profile" if name == "ours" else "/api/session"
+            replies = fire([("127.0.0.1", servers[i % 2].port, path, cookie) for i in range(burst)], together=True)
             time.sleep(0.3)  # let the last refreshes finish at the provider
             with store.engine.connect() as conn:
                 active = select(func.count()).where(refresh_tokens.c.sub == digest(person.lower())[:24], refresh_tokens.c.status == "active")

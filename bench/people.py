@@ -81,7 +81,7 @@ def run(kind: str, folder, quick: bool, worker_counts: tuple[int, ...] = (1, 3),
                 before = store.count("refresh")
                 started = time.monotonic()
                 since = time.time()
-                replies = fire([("127.0.0.1", port, "/api/session", cookie) for cookie in cookies], together=False)
+                replies = fire([("127.0.0.1", port, "/api/profile", cookie) for cookie in cookies], together=False)
                 wall = time.monotonic() - started
                 last_issued = time.time()
                 time.sleep(0.3)
