@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_server import CHROMIUM, ROOT, VIEWPORT, LiveServer, launch_chromium, playwright_session, sign_in
+from browser_server import CHROMIUM, ROOT, VIEWPORT, LiveServer, axe_findings, launch_chromium, playwright_session, sign_in
 
 pytestmark = pytest.mark.browser
 OUTPUT = ROOT / "test-output" / "browser"
@@ -41,7 +41,7 @@ def browser():
 
 
 def new_page(browser, **options):
-    context = browser.new_context(viewport=VIEWPORT, **options)
+    context = browser.new_context(**({"viewport": VIEWPORT} | options))
     context.set_default_timeout(WAIT_MS)
     return context.new_page()
 
@@ -247,3 +247,29 @@ def test_cookie_expiry_follows_the_rotations(server, browser):
     (cookie,) = [c for c in page.context.cookies() if c["name"] == "session"]
     days_left = (cookie["expires"] - datetime.now(UTC).timestamp()) / 86400
     assert days_left > 44, f"the cookie still ends in {days_left:.1f} days"  # 15 days of grant + 30 of resume grace
+
+
+def test_every_page_has_no_serious_or_critical_accessibility_findings(server, browser):
+    """axe-core on every page, signed out and signed in, light and on a phone: nothing serious or critical."""
+    from browser_server import AXE
+
+    if not AXE.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{AXE} is missing: run npm ci in tests/a11y (.ci/run does)")
+        pytest.skip(f"{AXE} is missing: run npm ci in tests/a11y")
+    findings = []
+    for options in ({}, {"viewport": {"width": 390, "height": 844}, "user_agent": PHONE, "is_mobile": True}):
+        page = new_page(browser, bypass_csp=True, **options)
+        for path in ("/", "/auth/callback?error=access_denied", "/auth/callback?state=x&code=y", "/no-such-page", "/auth/logout", "/auth/login?next=/session"):
+            page.goto(server.url + path)  # the last one is the stand-in's sign-in page
+            page.wait_for_load_state("networkidle")
+            findings.extend(axe_findings(page))
+        page.get_by_label("Your name").fill("Alice Access")
+        page.get_by_role("button", name="Sign in", exact=True).click()
+        page.wait_for_url(server.url + "/session")
+        for path in ("/session", "/devices", "/viewer", "/", "/auth/logout", "/no-such-page"):
+            page.goto(server.url + path)
+            page.wait_for_load_state("networkidle")
+            findings.extend(axe_findings(page))
+        page.context.close()
+    assert not findings, "\n".join(findings)
