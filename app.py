@@ -64,6 +64,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     # Sessions are this app's own (sessions.py): Flask's cookie session would only cost every request
     # a look at the cookie (and, named "session" like ours in development, a failed signature check).
     app.session_interface = sessions.NoFlaskSession()
+    # Browsers ask every site for /favicon.ico: a static file like the others, at the root.
+    app.add_url_rule("/favicon.ico", endpoint="static", defaults={"filename": "favicon.ico"})
     app.register_blueprint(pages.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)

@@ -135,6 +135,9 @@ def callback() -> Response:
     return response
 
 
+# Marks the viewer token's refresh at sign-in, so the session page can say why a fresh sign-in shows one rotation.
+SIGN_IN_TRIGGER = "(sign-in)"
+
 # Claims are stored in String(255) columns.
 CLAIM_LENGTH = 255
 
@@ -155,7 +158,7 @@ def _prefetch_viewer_token(user) -> None:
     if scope is None or not set(scope.split()) <= set(current_app.config["OAUTH_SCOPES"].split()):
         return
     try:
-        tokens.viewer_token(user, trigger="sign-in")
+        tokens.viewer_token(user, trigger=f"{request.method} {request.path} {SIGN_IN_TRIGGER}")
     except (tokens.RefreshUnavailable, tokens.RefreshRefused, tokens.SignInRequired) as exc:
         # The page that needs it will try again; the sign-in itself stands.
         current_app.logger.warning("viewer token not fetched at sign-in: %s", type(exc).__name__)
