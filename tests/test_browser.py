@@ -273,7 +273,7 @@ def test_every_page_has_no_serious_or_critical_accessibility_findings(server, br
         page.get_by_label("Your name").fill("Alice Access")
         page.get_by_role("button", name="Sign in", exact=True).click()
         page.wait_for_url(server.url + "/session")
-        for path in ("/session", "/devices", "/viewer", "/", "/auth/logout", "/no-such-page"):
+        for path in ("/session", "/devices", "/viewer", "/browse", "/", "/auth/logout", "/no-such-page"):
             page.goto(server.url + path)
             page.wait_for_load_state("networkidle")
             findings.extend(axe_findings(page))
