@@ -62,7 +62,7 @@ def profile():
     """Call the provider's userinfo with the person's access token, proving the backend holds a working one."""
     user = _signed_in()
     userinfo = current_app.extensions["provider"].userinfo
-    return jsonify(bearer.call_with_access_token(user, userinfo, trigger=request.path))
+    return jsonify(bearer.call_with_access_token(user, userinfo, trigger=f"{request.method} {request.path}"))
 
 
 @bp.get("/api/viewer-token")
@@ -72,7 +72,7 @@ def viewer_token():
     if downscope.viewer_scope(user) is None:
         message = "This app hands out no viewer token: OAUTH_VIEWER_SCOPE is empty, or the provider narrows the whole grant when asked for one."
         return jsonify(error="viewer_token_off", message=message), 404
-    token = tokens.viewer_token(user, trigger=request.path)
+    token = tokens.viewer_token(user, trigger=f"{request.method} {request.path}")
     expires_in = max(0, int((token.expires_at - utcnow()).total_seconds()))
     return jsonify(access_token=token.access_token, expires_in=expires_in, scope=token.scope)
 

@@ -38,17 +38,17 @@ from standin.store import private_sqlite_file
 # Endpoints that never extend a session: a tab left open polling them lets the session end when the person is gone.
 PASSIVE_ENDPOINTS = {"api.session"}
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+# Where Flask puts this app's instance folder (development secrets, SQLite files).
+INSTANCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance")
 migrate = Migrate()
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
 
 
 def create_app(test_config: dict | None = None) -> Flask:
     """Create the app; a configuration error stops start-up with one sentence naming the variable."""
     app = Flask(__name__, instance_relative_config=True)
     try:
-        app.config.update(config.load(os.environ, app.instance_path))
-        if test_config:
-            app.config.update(test_config)
-        config.check(app.config)
+        app.config.update(load_config(app.instance_path, test_config))
         app.extensions["token_cipher"] = _cipher(app.config["TOKEN_ENCRYPTION_KEYS"])
         _init_database(app)
         _init_provider(app)
@@ -64,6 +64,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     # Sessions are this app's own (sessions.py): Flask's cookie session would only cost every request
     # a look at the cookie (and, named "session" like ours in development, a failed signature check).
     app.session_interface = sessions.NoFlaskSession()
+    # Browsers ask every site for /favicon.ico: a static file like the others, at the root.
+    app.add_url_rule("/favicon.ico", endpoint="static", defaults={"filename": "favicon.ico"})
     app.register_blueprint(pages.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
@@ -83,6 +85,21 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.cli.add_command(keys.rotate_token_keys)
     app.cli.add_command(housekeeping.purge)
     return app
+
+
+def load_config(instance_path: str = INSTANCE, test_config: dict | None = None) -> dict:
+    """Read and check every setting without starting anything; a bad one raises ConfigError naming the variable.
+
+    gunicorn.conf.py runs this in the master, so a bad setting stops gunicorn instead of crashing each worker.
+    """
+    settings = config.load(os.environ, instance_path)
+    if test_config:
+        settings.update(test_config)
+    config.check(settings)
+    _cipher(settings["TOKEN_ENCRYPTION_KEYS"])
+    if urlsplit(settings["SQLALCHEMY_DATABASE_URI"]).scheme not in DATABASE_SCHEMES:
+        raise config.ConfigError("DATABASE_URL must be a sqlite:/// or postgresql+psycopg:// URL.")
+    return settings
 
 
 def load_person() -> Response | None:
@@ -215,8 +232,6 @@ def _cipher(keys: str) -> MultiFernet:
 
 def _init_database(app: Flask) -> None:
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
-    if urlsplit(uri).scheme not in ("sqlite", "postgresql", "postgresql+psycopg"):
-        raise config.ConfigError("DATABASE_URL must be a sqlite:/// or postgresql+psycopg:// URL.")
     options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
     # Error messages and logs never show bound values: they are token ciphertext and email addresses.
     options.setdefault("hide_parameters", True)

@@ -4,6 +4,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
 import unicodedata
 from urllib.parse import urljoin
 
@@ -22,6 +23,11 @@ bp = Blueprint("auth", __name__, url_prefix="/auth")
 
 # The pre-sign-in state lives in a signed cookie bound to this browser, for at most 10 minutes.
 FLOW_MAX_AGE = 600
+# Sign-ins a browser may have under way at once (two tabs, a retry), each keyed by its state; the
+# oldest gives way. Finished ones are remembered as long, so a reloaded callback finds its page.
+MAX_FLOWS = 4
+# Browsers keep cookies up to 4096 bytes; a bigger one is not ours.
+MAX_FLOW_COOKIE = 3800
 # A browser may try one silent sign-in (prompt=none) a minute: a grant that dies at once cannot loop.
 SILENT_RETRY_AFTER = 60
 # What a provider answers to prompt=none when the person must see its pages (OIDC Core §3.1.2.6).
@@ -35,7 +41,7 @@ def login() -> Response:
     verifier = secrets.token_urlsafe(64)
     # Only our own redirects after a dead grant ask for silence; a person who clicks "Sign in" sees the form.
     silent = request.args.get("silent") == "1" and current_app.config["SILENT_SIGN_IN"] and not request.cookies.get(_silent_cookie())
-    flow = {"state": secrets.token_urlsafe(32), "verifier": verifier, "next": safe_next(request.args.get("next")), "silent": silent}
+    flow = {"state": secrets.token_urlsafe(32), "verifier": verifier, "next": safe_next(request.args.get("next")), "silent": silent, "at": int(time.time())}
     scope = current_app.config["OAUTH_SCOPES"]
     # APS requires a nonce with openid; identity comes from userinfo, so it is not checked later.
     nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
@@ -46,42 +52,48 @@ def login() -> Response:
     if silent:
         secure = current_app.config["SESSION_COOKIE_SECURE"]
         response.set_cookie(_silent_cookie(), "1", max_age=SILENT_RETRY_AFTER, secure=secure, httponly=True, samesite="Lax", path="/")
-    response.set_cookie(
-        _flow_cookie(),
-        _flow_serializer().dumps(flow),
-        max_age=FLOW_MAX_AGE,
-        secure=current_app.config["SESSION_COOKIE_SECURE"],
-        httponly=True,
-        samesite="Lax",
-        path="/",
-    )
+    flows = _read_flows()
+    flows["open"].append(flow)
+    _write_flows(response, flows)
     return response
 
 
 @bp.get("/callback")
 def callback() -> Response:
     """Finish sign-in: check state, exchange the code, read the person, start a session."""
-    flow = _read_flow()
+    flows = _read_flows()
     args = request.args
-    state_matches = flow is not None and _same(args.get("state", ""), flow["state"])
-    if state_matches or (flow is None and request.cookies.get(_flow_cookie())):
-        g.clear_flow_cookie = True  # this browser's sign-in is used up (or unreadable), whatever happens next
-    if "error" in args and state_matches and flow.get("silent") and args["error"] in INTERACTION_ERRORS:
+    state = args.get("state", "")
+    flow = next((f for f in flows["open"] if _same(state, f["state"])), None)
+    if flow is not None:
+        # This sign-in is used up, whatever happens next; the browser's other sign-ins stay open.
+        flows["open"].remove(flow)
+        flows["done"].append({"state": flow["state"], "next": flow["next"], "at": flow["at"]})
+        g.flows = flows
+    elif flows["unreadable"]:
+        g.flows = flows  # drop what cannot be read
+    again = url_for("auth.login", next=flow["next"]) if flow else None
+    if flow is None and g.get("user") is not None:
+        # Signed in already: a reloaded (or expired) callback is no error, the person goes where it led.
+        done = next((f for f in flows["done"] if _same(state, f["state"])), None)
+        if done is not None or not flows["open"]:
+            return redirect(done["next"] if done else url_for("pages.home"))
+    if "error" in args and flow is not None and flow.get("silent") and args["error"] in INTERACTION_ERRORS:
         # The silent attempt found no live session at the provider: now the person signs in there.
-        return _failed(200, "Please sign in again", SILENT_FAILED, retry=url_for("auth.login", next=flow["next"]))
+        return _failed(200, "Please sign in again", SILENT_FAILED, retry=again)
     if "error" in args:
-        return _failed(400, "The provider did not sign you in.", _provider_error_text(args["error"]))
-    if flow is None:
+        return _failed(400, "The provider did not sign you in.", _provider_error_text(args["error"]), retry=again)
+    if flow is None and not flows["open"]:
         return _failed(400, "This sign-in expired or was started in another browser.", "Please start again.")
-    if not state_matches:
-        # Not this browser's sign-in (forged, or a code meant for someone else): leave its own flow be.
+    if flow is None:
+        # Not one of this browser's sign-ins (forged, or a code meant for someone else): leave its own be.
         return _failed(400, "This sign-in link is not the one this browser started.", "Please start again.")
     provider = current_app.extensions["provider"]
     if "iss" in args and args["iss"] != provider.endpoints.issuer:
         # RFC 9207: the reply came from another authorization server than the one we asked.
-        return _failed(400, "The sign-in reply came from an unexpected provider.", "Please start again.")
+        return _failed(400, "The sign-in reply came from an unexpected provider.", "Please start again.", retry=again)
     if not args.get("code"):
-        return _failed(400, "The provider's reply had no authorization code.", "Please start again.")
+        return _failed(400, "The provider's reply had no authorization code.", "Please start again.", retry=again)
 
     try:
         grant = provider.exchange_code(args["code"], redirect_uri(), flow["verifier"])
@@ -89,8 +101,8 @@ def callback() -> Response:
             tokens.revoke([(grant.access_token, "access_token")])
             if flow.get("silent"):
                 # Some providers (oidc-provider) drop offline_access without consent: the person must interact.
-                return _failed(200, "Please sign in again", SILENT_FAILED, retry=url_for("auth.login", next=flow["next"]))
-            return _failed(400, "The provider did not grant lasting access (no refresh token).", "Please start again.")
+                return _failed(200, "Please sign in again", SILENT_FAILED, retry=again)
+            return _failed(400, "The provider did not grant lasting access (no refresh token).", "Please start again.", retry=again)
         info = provider.userinfo(grant.access_token)
     except ProviderUnavailable:
         # Try again where this sign-in was going, as silently as it was meant to be.
@@ -99,14 +111,14 @@ def callback() -> Response:
         response.delete_cookie(_silent_cookie(), secure=current_app.config["SESSION_COOKIE_SECURE"], httponly=True, samesite="Lax", path="/")
         return response
     except (InvalidGrant, ProviderRejected):
-        return _failed(400, "The provider refused this sign-in.", "The link may have been used already. Please start again.")
+        return _failed(400, "The provider refused this sign-in.", "The link may have been used already. Please start again.", retry=again)
     subject = info.get("sub")
     subject = str(subject) if isinstance(subject, str | int) and not isinstance(subject, bool) else ""
     if not subject or _storable(subject) != subject:
         # The subject is the person's identity: cleaning it could make two people one. Keep nothing of the grant.
         tokens.revoke([(grant.refresh_token, "refresh_token"), (grant.access_token, "access_token")])
         if not subject:
-            return _failed(400, "The provider did not say who you are.", "Please start again.")
+            return _failed(400, "The provider did not say who you are.", "Please start again.", retry=again)
         return _failed(400, "The provider named you in a way this app cannot store.", "Please contact the app's administrator.")
 
     if g.get("session") is not None and g.user.subject != subject:
@@ -122,6 +134,9 @@ def callback() -> Response:
     sessions.set_cookie(response, cookie, user.refresh_expires_at)
     return response
 
+
+# Marks the viewer token's refresh at sign-in, so the session page can say why a fresh sign-in shows one rotation.
+SIGN_IN_TRIGGER = "(sign-in)"
 
 # Claims are stored in String(255) columns.
 CLAIM_LENGTH = 255
@@ -143,10 +158,16 @@ def _prefetch_viewer_token(user) -> None:
     if scope is None or not set(scope.split()) <= set(current_app.config["OAUTH_SCOPES"].split()):
         return
     try:
-        tokens.viewer_token(user, trigger="sign-in")
+        tokens.viewer_token(user, trigger=f"{request.method} {request.path} {SIGN_IN_TRIGGER}")
     except (tokens.RefreshUnavailable, tokens.RefreshRefused, tokens.SignInRequired) as exc:
         # The page that needs it will try again; the sign-in itself stands.
         current_app.logger.warning("viewer token not fetched at sign-in: %s", type(exc).__name__)
+
+
+@bp.get("/logout")
+def logout_page() -> str:
+    """Show the Sign out button to someone who typed the address: signing out itself is a POST with the CSRF token."""
+    return render_template("logout.html")
 
 
 @bp.post("/logout")
@@ -219,18 +240,40 @@ def _flow_serializer() -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt="sign-in-flow")
 
 
-def _read_flow() -> dict | None:
-    """Read this browser's pre-sign-in state (None if missing, tampered, oversized or expired)."""
+def _read_flows() -> dict:
+    """Read this browser's sign-ins under way and lately finished, dropping expired, tampered or oversized ones."""
+    flows = {"open": [], "done": [], "unreadable": False}
     raw = request.cookies.get(_flow_cookie(), "")
-    if not raw or len(raw) > 1024:
-        return None
+    if not raw:
+        return flows
     try:
-        flow = _flow_serializer().loads(raw, max_age=FLOW_MAX_AGE)
+        if len(raw) > MAX_FLOW_COOKIE:
+            raise BadData("oversized")
+        stored = _flow_serializer().loads(raw, max_age=FLOW_MAX_AGE)
     except BadData:
-        return None
-    if not isinstance(flow, dict) or not all(isinstance(flow.get(k), str) for k in ("state", "verifier", "next")):
-        return None
-    return flow
+        flows["unreadable"] = True
+        return flows
+    oldest = time.time() - FLOW_MAX_AGE
+    for kind, fields in (("open", ("state", "verifier", "next")), ("done", ("state", "next"))):
+        entries = stored.get(kind) if isinstance(stored, dict) else None
+        for flow in entries if isinstance(entries, list) else []:
+            if isinstance(flow, dict) and all(isinstance(flow.get(k), str) for k in fields) and isinstance(flow.get("at"), int) and flow["at"] > oldest:
+                flows[kind].append(flow)
+    return flows
+
+
+def _write_flows(response: Response, flows: dict) -> None:
+    """Keep the newest sign-ins in this browser's pre-sign-in cookie, or drop the cookie when none is left."""
+    secure = current_app.config["SESSION_COOKIE_SECURE"]
+    kept = {"open": flows["open"][-MAX_FLOWS:], "done": flows["done"][-MAX_FLOWS:]}
+    value = _flow_serializer().dumps(kept)
+    while len(value) > MAX_FLOW_COOKIE and (kept["done"] or len(kept["open"]) > 1):
+        kept["done" if kept["done"] else "open"].pop(0)  # long next paths: the oldest give way
+        value = _flow_serializer().dumps(kept)
+    if not kept["open"] and not kept["done"]:
+        response.delete_cookie(_flow_cookie(), secure=secure, httponly=True, samesite="Lax", path="/")
+        return
+    response.set_cookie(_flow_cookie(), value, max_age=FLOW_MAX_AGE, secure=secure, httponly=True, samesite="Lax", path="/")
 
 
 def _same(sent: str, expected: str) -> bool:
@@ -260,14 +303,15 @@ SILENT_FAILED = (
 
 
 def _failed(status: int, title: str, detail: str, retry: str | None = None) -> tuple[str, int]:
+    # "Try again" starts a sign-in that leads where this one would have.
     return render_template("error.html", title=title, detail=detail, retry=retry or url_for("auth.login")), status
 
 
-def clear_flow_cookie(response: Response) -> Response:
-    """Drop the pre-sign-in cookie after the callback used it, whatever the outcome."""
-    if g.get("clear_flow_cookie"):
-        response.delete_cookie(_flow_cookie(), secure=current_app.config["SESSION_COOKIE_SECURE"], httponly=True, samesite="Lax", path="/")
+def store_flows(response: Response) -> Response:
+    """Write back the sign-ins a callback used up, whatever its outcome."""
+    if g.get("flows") is not None:
+        _write_flows(response, g.flows)
     return response
 
 
-bp.after_app_request(clear_flow_cookie)
+bp.after_app_request(store_flows)

@@ -32,3 +32,20 @@ class PathEscapingLogger(Logger):
 
 
 logger_class = PathEscapingLogger
+
+
+def on_starting(server) -> None:
+    """Check the app's settings once, in the master, before any worker starts.
+
+    A worker that fails to load the app exits with code 1, which gunicorn answers by starting another,
+    for ever: a missing SECRET_KEY would never stop. Refused here, gunicorn exits at once with the sentence.
+    """
+    if (getattr(server.app, "app_uri", None) or "").split(":")[0] != "app":
+        return  # another app under the same settings (the compose stand-in)
+    import config
+    from app import load_config
+
+    try:
+        load_config()
+    except config.ConfigError as exc:
+        raise SystemExit(f"Configuration error: {exc}") from None

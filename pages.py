@@ -9,6 +9,7 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, redirect,
 from sqlalchemy import func, select
 
 import proxy
+from auth import SIGN_IN_TRIGGER
 from models import RefreshEvent, User, UserSession, db, utcnow
 from redirects import safe_next
 from tokens import REFRESH_TOKEN_LIFETIME
@@ -126,12 +127,18 @@ def lifecycle(user: User) -> dict:
         return None if moment is None else round((moment - now).total_seconds(), 1)
 
     access_refresh_at = user.access_expires_at - timedelta(seconds=leeway) if user.access_expires_at else None
+    here = g.get("session")
+    here_since = None if here is None else db.session.execute(select(UserSession.created_at).where(UserSession.id_hash == here.id_hash)).scalar_one_or_none()
+    # The person's latest sign-in may have been on another device: each sign-in there shows here too.
+    elsewhere = here_since is not None and user.signed_in_at is not None and here_since < user.signed_in_at - timedelta(seconds=1)
     return {
         "now": _iso(now),
         "leeway_seconds": leeway,
         "person": {"name": user.name, "email": user.email},
         "signed_in_at": _iso(user.signed_in_at),
         "signed_in_ago": since(user.signed_in_at),
+        "signed_in_elsewhere": elsewhere,
+        "here_signed_in_ago": since(here_since),
         "sessions": sessions,
         "access": {
             "issued_ago": since(access_issued),
@@ -147,6 +154,7 @@ def lifecycle(user: User) -> dict:
             "expires_in": until(user.refresh_expires_at),
             "lifetime": int(REFRESH_TOKEN_LIFETIME.total_seconds()),
             "rotations": user.refresh_rotations,
+            "last_rotation": _last_rotation(events),
         },
         "viewer": {
             "issued_ago": since(viewer_issued) if user.viewer_expires_at else None,
@@ -168,6 +176,16 @@ def lifecycle(user: User) -> dict:
             for e in events
         ],
     }
+
+
+def _last_rotation(events: list[RefreshEvent]) -> str:
+    """Say which refresh last rotated the refresh token: right after sign-in it is the viewer token's."""
+    last = next((e for e in events if e.outcome == "refreshed"), None)
+    if last is None:
+        return ""
+    if last.kind == "viewer" and last.trigger.endswith(SIGN_IN_TRIGGER):
+        return "Last: the viewer token's refresh at sign-in."
+    return f"Last: the {last.kind} token's refresh, by {last.trigger}."
 
 
 def last_issued(user: User, kind: str) -> datetime | None:

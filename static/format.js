@@ -15,9 +15,34 @@
     return Math.floor(s / 86400) + " d " + Math.floor((s % 86400) / 3600) + " h";
   }
 
+  // Times are the browser's own, with its zone named: the server only knows UTC.
   function clock(ms) {
-    return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", timeZoneName: "short" });
   }
 
-  window.PageFormat = { set: set, duration: duration, clock: clock };
+  function moment(ms) {
+    return new Date(ms).toLocaleString([], {
+      day: "numeric", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", timeZoneName: "short",
+    });
+  }
+
+  // The header follows when a page learns it is signed out (a sign-out from another device): no name, no Sign out.
+  function signedOutHeader() {
+    var nav = document.querySelector("header.site nav");
+    if (!nav || nav.dataset.signedOut) return;
+    var link = document.createElement("a");
+    link.className = "button primary";
+    link.href = "/auth/login?next=" + encodeURIComponent(location.pathname);
+    link.textContent = "Sign in";
+    nav.replaceChildren(link);
+    nav.dataset.signedOut = "1";
+  }
+
+  // The server writes UTC into every <time>; show the browser's local time instead.
+  document.querySelectorAll("time[datetime]").forEach(function (el) {
+    var ms = Date.parse(el.getAttribute("datetime"));
+    if (!isNaN(ms)) el.textContent = moment(ms);
+  });
+
+  window.PageFormat = { set: set, duration: duration, clock: clock, moment: moment, signedOutHeader: signedOutHeader };
 })();

@@ -20,9 +20,7 @@
   var duration = window.PageFormat.duration;
   var clock = window.PageFormat.clock;
 
-  function day(ms) {
-    return new Date(ms).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
-  }
+  var day = window.PageFormat.moment;
 
   // An instant in client milliseconds, from an offset in seconds relative to the answer's "now".
   function at(offset) { return base + offset * 1000; }
@@ -75,6 +73,7 @@
     clearTimeout(pollTimer);
     clearInterval(tickTimer);
     root.classList.add("signed-out");
+    window.PageFormat.signedOutHeader();
     say("You are signed out here: this device was signed out, or your sign-in ended.", "warn", {
       href: "/auth/login?next=" + encodeURIComponent(location.pathname),
       text: "Sign in again",
@@ -91,6 +90,7 @@
     set("last-checked", "Last checked " + clock(base) + "; checking again every few seconds.");
     set("rotations", String(data.refresh.rotations));
     set("rotations-word", data.refresh.rotations === 1 ? "rotation" : "rotations");
+    set("last-rotation", data.refresh.last_rotation);
     set("sessions", String(data.sessions));
     set("viewer-scope", data.viewer.scope || "–");
     setTime("access-expires", data.access.expires_in, clock);
@@ -168,6 +168,9 @@
     set("refresh-age", duration(state.refresh.age + since));
     set("refresh-expires-in", duration(state.refresh.expires_in - since));
     set("signed-in-ago", duration(state.signed_in_ago + since));
+    set("signed-in-where", state.signed_in_elsewhere
+      ? ", on another device; this one signed in " + duration(state.here_signed_in_ago + since) + " ago"
+      : "");
     var v = state.viewer;
     if (v.expires_in === null) set("viewer-countdown", "not fetched yet");
     else if (v.expires_in - since > 0) set("viewer-countdown", "in " + duration(v.expires_in - since));

@@ -67,6 +67,7 @@
       })
       .catch(function (error) {
         if (error.signedOut) {
+          window.PageFormat.signedOutHeader();
           say("You are signed out.", "warn", { href: "/auth/login?next=" + encodeURIComponent(location.pathname), text: "Sign in again" });
           return;
         }

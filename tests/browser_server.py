@@ -9,11 +9,15 @@ from pathlib import Path
 
 from servers import ROOT, Gunicorn, free_port, migrate, server_env
 
-__all__ = ["CHROMIUM", "ROOT", "VIEWPORT", "LiveServer", "launch_chromium", "playwright_session", "sign_in"]
+__all__ = ["AXE", "CHROMIUM", "ROOT", "VIEWPORT", "LiveServer", "axe_findings", "launch_chromium", "playwright_session", "sign_in"]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 VIEWPORT = {"width": 1100, "height": 800}
+# axe-core, pinned in tests/a11y/package-lock.json; .ci/run installs it with npm ci.
+AXE = ROOT / "tests" / "a11y" / "node_modules" / "axe-core" / "axe.min.js"
+# The levels a page must not have a single finding at.
+AXE_IMPACTS = ("serious", "critical")
 # A 65 s access token with the default 60 s leeway: the first silent refresh is due 5 s after sign-in.
 ACCESS_TTL = 65
 LEEWAY = 60
@@ -71,3 +75,17 @@ def sign_in(page, base_url: str, name: str, next_path: str = "/") -> None:
     page.get_by_label("Your name").fill(name)
     page.get_by_role("button", name="Sign in", exact=True).click()
     page.wait_for_url(f"{base_url}{next_path}")
+
+
+def axe_findings(page) -> list[str]:
+    """Run axe-core on the page as it is now; return its serious and critical findings, one line each.
+
+    The page's context needs bypass_csp=True: the app's CSP (rightly) refuses the injected script.
+    """
+    page.add_script_tag(path=str(AXE))
+    report = page.evaluate("() => axe.run(document, {resultTypes: ['violations']})")
+    return [
+        f"{page.url}: {v['impact']} {v['id']} ({v['help']}) at {', '.join(' '.join(n['target']) for n in v['nodes'][:5])}"
+        for v in report["violations"]
+        if v["impact"] in AXE_IMPACTS
+    ]

@@ -1,5 +1,7 @@
 """The sign-in flow: login redirect, callback checks, sessions and sign-out."""
 
+import html
+import re
 from urllib.parse import parse_qs, urlsplit
 
 from conftest import sign_in, stored_user
@@ -78,3 +80,71 @@ def test_sign_in_as_someone_else_asks_for_the_providers_form_and_signs_the_first
     # This was Ada's only session: her grant is forgotten here and revoked at the provider.
     assert stored_user(app).refresh_token is None
     assert standin.refresh_token(ada.refresh_token)["status"] == "revoked"
+
+
+def start(client, next_path: str) -> tuple[str, dict]:
+    """Start a sign-in towards next_path and consent at the stand-in; return the callback path and its parameters."""
+    login = client.get("/auth/login", query_string={"next": next_path})
+    authorize = urlsplit(login.headers["Location"])
+    consent = client.post(authorize.path, query_string=authorize.query, data={"name": "Ada Lovelace"})
+    back = urlsplit(consent.headers["Location"])
+    return back.path, {k: v[0] for k, v in parse_qs(back.query).items()}
+
+
+def try_again_link(reply) -> str:
+    link = re.search(r'<a class="button primary" href="([^"]+)">Try again</a>', reply.get_data(as_text=True))
+    assert link, reply.get_data(as_text=True)
+    return html.unescape(link.group(1))
+
+
+def test_reloaded_callback_while_signed_in_goes_to_the_page_it_led_to(client):
+    path, params = start(client, "/devices")
+    assert client.get(path, query_string=params).headers["Location"] == "/devices"
+    again = client.get(path, query_string=params)  # the person reloads the callback URL
+    assert again.status_code == 302
+    assert again.headers["Location"] == "/devices"
+
+
+def test_expired_callback_while_signed_in_goes_home(client):
+    sign_in(client)
+    client.delete_cookie("signin")  # ten minutes later, the pre-sign-in cookie is gone
+    reply = client.get("/auth/callback", query_string={"state": "old-state", "code": "old-code"})
+    assert reply.status_code == 302
+    assert urlsplit(reply.headers["Location"]).path == "/"
+
+
+def test_two_sign_ins_at_once_in_one_browser_both_work(client):
+    """Two tabs start signing in; each finishes, in any order, and lands where it was going."""
+    first = start(client, "/session")
+    second = start(client, "/devices")
+    assert client.get(second[0], query_string=second[1]).headers["Location"] == "/devices"
+    finished = client.get(first[0], query_string=first[1])
+    assert finished.status_code == 302, finished.get_data(as_text=True)
+    assert finished.headers["Location"] == "/session"
+    assert client.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
+
+
+def test_try_again_keeps_where_the_sign_in_was_going(client, standin):
+    path, params = start(client, "/devices")
+    cancelled = client.get(path, query_string={"state": params["state"], "error": "access_denied"})
+    assert cancelled.status_code == 400
+    assert try_again_link(cancelled) == "/auth/login?next=/devices"
+
+    path, params = start(client, "/viewer")
+    standin.inject("5xx")
+    failed = client.get(path, query_string=params)
+    assert failed.status_code == 503
+    assert try_again_link(failed) == "/auth/login?next=/viewer"
+
+
+def test_logout_address_typed_in_shows_the_sign_out_button(client):
+    signed_out = client.get("/auth/logout")
+    assert signed_out.status_code == 200
+    assert "You are signed out" in signed_out.get_data(as_text=True)
+    sign_in(client)
+    page = client.get("/auth/logout")
+    assert page.status_code == 200
+    form = re.search(r'<form method="post" action="/auth/logout"[^>]*>(.*?)</form>', page.get_data(as_text=True).split("<main", 1)[1], re.S)
+    assert form and re.search(r'name="csrf_token" value="[0-9a-f]{64}"', form.group(1))
+    assert '<button type="submit" class="primary">Sign out</button>' in form.group(1)
+    assert client.get("/api/session").status_code == 200  # looking at the page signs nobody out

@@ -243,7 +243,8 @@ def test_head_and_options_on_every_route(app, client):
             assert options.status_code == 200, (path, options.status_code)
             assert "OPTIONS" in options.headers["Allow"]
             head = browser.head(path)
-            expected_head = "GET" in rule.methods
+            # A path may have a rule per method (GET /auth/logout shows the form that POSTs to it).
+            expected_head = any("GET" in other.methods for other in rules if other.rule == rule.rule)
             assert head.status_code < 500, (path, head.status_code)
             assert (head.status_code != 405) == expected_head, (path, head.status_code)
             assert head.data == b""

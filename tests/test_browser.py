@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_server import CHROMIUM, ROOT, VIEWPORT, LiveServer, launch_chromium, playwright_session, sign_in
+from browser_server import CHROMIUM, ROOT, VIEWPORT, LiveServer, axe_findings, launch_chromium, playwright_session, sign_in
 
 pytestmark = pytest.mark.browser
 OUTPUT = ROOT / "test-output" / "browser"
@@ -41,7 +41,7 @@ def browser():
 
 
 def new_page(browser, **options):
-    context = browser.new_context(viewport=VIEWPORT, **options)
+    context = browser.new_context(**({"viewport": VIEWPORT} | options))
     context.set_default_timeout(WAIT_MS)
     return context.new_page()
 
@@ -137,10 +137,11 @@ def test_viewer_page_shows_the_narrow_token_and_renews_it(server, browser):
     assert current["access_token"] not in page.content()
     shot(page, "viewer")
 
-    # A failed sign-in (here: the person cancelled at the provider) gets a friendly page with a way back.
-    page.goto(server.url + "/auth/callback?error=access_denied")
+    # A failed sign-in (here: the person cancelled at the provider) gets a friendly page with a way back to where it led.
+    page.goto(server.url + "/auth/login?next=/viewer")
+    page.get_by_role("button", name="Cancel").click()
     expect(page.get_by_role("heading", level=1)).to_have_text("The provider did not sign you in.")
-    expect(page.get_by_role("link", name="Try again")).to_have_attribute("href", "/auth/login")
+    expect(page.get_by_role("link", name="Try again")).to_have_attribute("href", "/auth/login?next=/viewer")
     shot(page, "error-callback")
     page.context.close()
 
@@ -176,6 +177,11 @@ def test_two_devices_keep_working_after_expiry_and_one_ends_the_other(server, br
 
     # The phone's open page notices at its next poll, and the phone is signed out.
     expect(phone.locator("#live-status")).to_contain_text("You are signed out here", timeout=WAIT_MS)
+    # The header agrees with the banner: no name, no Sign out, a way to sign in again.
+    header = phone.get_by_role("banner")
+    expect(header.get_by_role("button", name="Sign out")).to_have_count(0)
+    expect(header.locator(".who")).to_have_count(0)
+    expect(header.get_by_role("link", name="Sign in")).to_have_attribute("href", "/auth/login?next=%2Fsession")
     shot(phone, "session-signed-out")
     phone.goto(server.url + "/")
     expect(phone.get_by_role("main").get_by_role("link", name="Sign in")).to_be_visible()
@@ -247,3 +253,42 @@ def test_cookie_expiry_follows_the_rotations(server, browser):
     (cookie,) = [c for c in page.context.cookies() if c["name"] == "session"]
     days_left = (cookie["expires"] - datetime.now(UTC).timestamp()) / 86400
     assert days_left > 44, f"the cookie still ends in {days_left:.1f} days"  # 15 days of grant + 30 of resume grace
+
+
+def test_every_page_has_no_serious_or_critical_accessibility_findings(server, browser):
+    """axe-core on every page, signed out and signed in, light and on a phone: nothing serious or critical."""
+    from browser_server import AXE
+
+    if not AXE.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{AXE} is missing: run npm ci in tests/a11y (.ci/run does)")
+        pytest.skip(f"{AXE} is missing: run npm ci in tests/a11y")
+    findings = []
+    for options in ({}, {"viewport": {"width": 390, "height": 844}, "user_agent": PHONE, "is_mobile": True}):
+        page = new_page(browser, bypass_csp=True, **options)
+        for path in ("/", "/auth/callback?error=access_denied", "/auth/callback?state=x&code=y", "/no-such-page", "/auth/logout", "/auth/login?next=/session"):
+            page.goto(server.url + path)  # the last one is the stand-in's sign-in page
+            page.wait_for_load_state("networkidle")
+            findings.extend(axe_findings(page))
+        page.get_by_label("Your name").fill("Alice Access")
+        page.get_by_role("button", name="Sign in", exact=True).click()
+        page.wait_for_url(server.url + "/session")
+        for path in ("/session", "/devices", "/viewer", "/browse", "/", "/auth/logout", "/no-such-page"):
+            page.goto(server.url + path)
+            page.wait_for_load_state("networkidle")
+            findings.extend(axe_findings(page))
+        page.context.close()
+    assert not findings, "\n".join(findings)
+
+
+def test_times_are_the_browsers_own_with_the_zone_named(server, browser):
+    from playwright.sync_api import expect
+
+    page = new_page(browser, timezone_id="Asia/Kolkata", locale="en-GB")
+    sign_in(page, server.url, "Zoned Zara", "/devices")
+    expect(page.locator("li.this-device time").first).to_contain_text("GMT+5:30")
+    page.goto(server.url + "/session")
+    expect(page.locator("#access-expires")).to_contain_text("GMT+5:30")
+    expect(page.locator("#refreshes time, #refreshes td").first).to_contain_text("GMT+5:30")
+    expect(page.locator("#last-checked")).to_contain_text("GMT+5:30")
+    page.context.close()

@@ -555,7 +555,7 @@ def test_every_gunicorn_we_start_reads_gunicorn_conf():
     """The image, the compose stand-in, the demo and the tests log and trust alike (the demo binds a fixed port, so it is read, not run)."""
     starters = {
         "deploy/entrypoint.sh": r"exec gunicorn \\\s*--config gunicorn\.conf\.py",
-        "scripts/demo": r"exec \.venv/bin/gunicorn --config gunicorn\.conf\.py ",
+        "scripts/demo": r'exec "\$venv/bin/gunicorn" --config gunicorn\.conf\.py ',
         "docker-compose.yml": r'command: \["gunicorn", "--config", "gunicorn\.conf\.py",',
         "tests/servers.py": r'\["--config", "gunicorn\.conf\.py",',
     }
@@ -590,8 +590,10 @@ def test_lock_files_pin_every_package_with_hashes_and_match_their_inputs(inputs,
 def test_every_install_uses_a_lock_file_with_hashes():
     installs = {
         "Dockerfile": "pip install --no-cache-dir --require-hashes -r requirements.lock",
-        "scripts/demo": "--require-hashes -r requirements.lock",
-        "scripts/test": "--require-hashes -r requirements-dev.lock",
+        # Both install through scripts/venv, which adds --require-hashes.
+        "scripts/demo": "bash scripts/venv requirements.lock ",
+        "scripts/test": "bash scripts/venv requirements-dev.lock ",
+        "scripts/venv": '--require-hashes -r "$lock"',
     }
     for path, command in installs.items():
         text = (ROOT / path).read_text()

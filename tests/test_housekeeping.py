@@ -114,8 +114,10 @@ def plan(conn, statement: str, **params) -> str:
 
 def test_session_lookups_and_the_purge_use_indexes(app):
     with app.app_context(), db.engine.begin() as conn:
-        lookup = plan(conn, "SELECT * FROM user_sessions WHERE id_hash = :h AND expires_at > :now", h="x" * 64, now=utcnow())
-        expired = plan(conn, "SELECT id_hash FROM user_sessions WHERE expires_at <= :now", now=utcnow())
+        # sqlite3's own datetime adapter is deprecated since Python 3.12: give it the text SQLAlchemy would.
+        now = utcnow().isoformat(" ") if conn.dialect.name == "sqlite" else utcnow()
+        lookup = plan(conn, "SELECT * FROM user_sessions WHERE id_hash = :h AND expires_at > :now", h="x" * 64, now=now)
+        expired = plan(conn, "SELECT id_hash FROM user_sessions WHERE expires_at <= :now", now=now)
         per_person = plan(conn, "SELECT id_hash FROM user_sessions WHERE user_id = :u", u=1)
         events = plan(conn, "SELECT id FROM refresh_events WHERE user_id = :u", u=1)
     if conn.dialect.name == "sqlite":

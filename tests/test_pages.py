@@ -286,3 +286,49 @@ def test_browse_page_needs_a_sign_in_and_runs_no_inline_script(client):
     assert 'role="tree"' in html and 'data-api="/api/aps/"' in html and 'data-upstream="http://localhost/standin"' in html
     assert "<script>" not in html and "script-src" not in page.headers["Content-Security-Policy"]  # default-src 'self' only
     assert 'href="/browse" aria-current="page"' in html
+
+
+def test_favicon_is_served_and_linked(client):
+    with client.get("/favicon.ico") as icon:  # a file sent from disk: closed when read
+        assert icon.status_code == 200
+        assert icon.mimetype in ("image/vnd.microsoft.icon", "image/x-icon")
+        assert icon.data[:4] == b"\x00\x00\x01\x00"  # an ICO file
+        assert "no-store" not in icon.headers.get("Cache-Control", "")
+    assert '<link rel="icon" href="/favicon.ico"' in client.get("/").get_data(as_text=True)
+
+
+def test_timeline_legend_names_the_viewer_token_bars(client):
+    sign_in(client)
+    html = client.get("/session").get_data(as_text=True)
+    assert '<span class="key key-viewer">viewer token valid</span>' in html
+
+
+def test_viewer_refreshes_name_their_method_like_access_refreshes(app, client):
+    sign_in(client)
+    expire_access_token(app, field="viewer_expires_at")
+    assert client.get("/api/viewer-token").status_code == 200
+    viewer = [e["trigger"] for e in client.get("/api/lifecycle").get_json()["refreshes"] if e["kind"] == "viewer"]
+    assert viewer == ["GET /api/viewer-token", "GET /auth/callback (sign-in)"]
+
+
+def test_the_rotation_right_after_sign_in_is_named_as_the_viewer_tokens(app, client):
+    sign_in(client)
+    life = client.get("/api/lifecycle").get_json()
+    assert life["refresh"]["rotations"] == 1
+    assert life["refresh"]["last_rotation"] == "Last: the viewer token's refresh at sign-in."
+    assert '<p class="small" id="last-rotation">Last: the viewer token&#39;s refresh at sign-in.</p>' in client.get("/session").get_data(as_text=True)
+    expire_access_token(app)
+    assert client.get("/api/lifecycle").get_json()["refresh"]["last_rotation"] == "Last: the access token's refresh, by GET /api/lifecycle."
+
+
+def test_a_sign_in_on_another_device_is_said_to_be_there(app):
+    laptop = device(app, FIREFOX)
+    with app.app_context():
+        db.session.execute(db.update(UserSession).values(created_at=utcnow() - timedelta(minutes=5)))
+        db.session.commit()
+    phone = device(app, PHONE)
+    seen = laptop.get("/api/lifecycle").get_json()
+    assert seen["signed_in_elsewhere"] is True
+    assert seen["signed_in_ago"] < 60 and seen["here_signed_in_ago"] >= 300
+    assert ", on another device; this one signed in 5 min" in laptop.get("/session").get_data(as_text=True)
+    assert phone.get("/api/lifecycle").get_json()["signed_in_elsewhere"] is False

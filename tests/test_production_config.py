@@ -9,7 +9,7 @@ from flask import request
 
 from app import create_app
 from conftest import make_config
-from servers import BIN, ROOT, TEST_KEY
+from servers import BIN, ROOT, TEST_KEY, free_port
 
 PREFIXES = ("OAUTH_", "APS_", "STANDIN_", "TOKEN_", "DATABASE_URL", "SECRET_KEY", "APP_ENV", "SESSION_COOKIE", "TRUSTED_PROXY", "SIGNIN_")
 
@@ -85,6 +85,21 @@ def test_entrypoint_stops_with_the_sentence_not_a_traceback(production, tmp_path
     assert "Configuration error: SECRET_KEY must be set in production." in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "app.sqlite").exists()  # stopped before migrating anything
+
+
+@pytest.mark.parametrize("missing", ["SECRET_KEY", "TOKEN_ENCRYPTION_KEYS"])
+def test_gunicorn_without_secrets_exits_at_once_with_the_sentence(production, missing):
+    """gunicorn started by hand (gunicorn.conf.py read from the working directory) stops instead of respawning workers."""
+    production.delenv(missing)
+    command = [BIN / "gunicorn", "--bind", f"127.0.0.1:{free_port()}", "--workers", "2", "app:create_app()"]
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"gunicorn kept running for 30 s: {exc.stderr.decode()[-1500:] if exc.stderr else ''}")
+    assert done.returncode != 0
+    assert done.stderr.count(f"Configuration error: {missing} must be set in production.") == 1, done.stderr
+    assert "Booting worker" not in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def login_redirect_uri(app, **headers: str) -> str:

@@ -7,10 +7,11 @@ import re
 import time
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qs, urljoin, urlsplit
 
 import pytest
 
+import auth
 import config
 import limits
 from app import create_app
@@ -48,6 +49,7 @@ def https_client(secure_app):
 def test_secure_cookies_use_host_prefix_without_domain(secure_app, https_client):
     login = https_client.get("/auth/login")
     flow = set_cookies(login)["__Host-signin"]
+    flow_state = parse_qs(urlsplit(login.headers["Location"]).query)["state"][0]
     assert flow["secure"] and flow["httponly"] and flow["path"] == "/" and flow["samesite"] == "Lax"
     assert "domain" not in flow and int(flow["max-age"]) <= 600
 
@@ -56,7 +58,12 @@ def test_secure_cookies_use_host_prefix_without_domain(secure_app, https_client)
     session = cookies["__Host-session"]
     assert session["secure"] and session["httponly"] and session["path"] == "/" and session["samesite"] == "Lax"
     assert "domain" not in session
-    assert cookies["__Host-signin"]["value"] == ""  # the pre-sign-in state is cleared at the callback
+    # The pre-sign-in state is used up at the callback: the cookie keeps only where it led (for a reload), no verifier.
+    with secure_app.test_request_context():
+        kept = auth._flow_serializer().loads(cookies["__Host-signin"]["value"])
+    (done,) = kept["done"]
+    assert set(done) == {"state", "next", "at"}
+    assert [f["state"] for f in kept["open"]] == [flow_state]  # only the sign-in started first, never finished
     assert "session" not in cookies and "signin" not in cookies
     assert https_client.get("/api/session").status_code == 200
 
