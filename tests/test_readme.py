@@ -77,6 +77,7 @@ COMMANDS = [
         "the production start with a real provider",
     ),
     (r"\.venv/bin/python bench/run\.py.*", "a benchmark: 15 minutes, and it needs wrk"),
+    (r"\.venv/bin/python bench/soak\.py.*", "the fault soak: 6.5 minutes, its own PostgreSQL server, as root"),
 ]
 
 
