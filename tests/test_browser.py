@@ -8,11 +8,10 @@ Screenshots of every page land in test-output/browser/.
 import os
 import re
 import time
-from pathlib import Path
 
 import pytest
 
-from browser_server import CHROMIUM, ROOT, VIEWPORT, LiveServer, axe_findings, launch_chromium, playwright_session, sign_in
+from browser_server import ROOT, VIEWPORT, LiveServer, axe_findings, sign_in
 
 pytestmark = pytest.mark.browser
 OUTPUT = ROOT / "test-output" / "browser"
@@ -28,16 +27,9 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing, and CI must run the browser tests")
-        pytest.skip(f"{CHROMIUM} is missing")
+def browser(chromium):
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    with playwright_session() as playwright:
-        chromium = launch_chromium(playwright)
-        yield chromium
-        chromium.close()
+    return chromium
 
 
 def new_page(browser, **options):

@@ -4,13 +4,11 @@ Access tokens live 65 s and count as expired 60 s early (tests/browser_server.py
 is due 5 s after each one is issued: the test browses on across one.
 """
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
-from browser_server import CHROMIUM, ROOT, VIEWPORT, LiveServer, launch_chromium, playwright_session, sign_in
+from browser_server import ROOT, VIEWPORT, LiveServer, sign_in
 from standin.store import Store, access_tokens, digest
 
 pytestmark = pytest.mark.browser
@@ -25,16 +23,9 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing, and CI must run the browser tests")
-        pytest.skip(f"{CHROMIUM} is missing")
+def browser(chromium):
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    with playwright_session() as playwright:
-        chromium = launch_chromium(playwright)
-        yield chromium
-        chromium.close()
+    return chromium
 
 
 def test_person_browses_hubs_by_keyboard_across_a_silent_refresh_and_opens_a_file(server, browser):
