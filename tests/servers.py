@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -113,3 +114,24 @@ def http_sign_in(base_url: str, name: str = "Ada Lovelace") -> requests.Session:
     assert done.status_code == 302, done.text
     assert urlsplit(done.headers["Location"]).path == "/"
     return browser
+
+
+def burst(browser: requests.Session, urls: list[str], count: int = 50) -> list[int | str]:
+    """Send count concurrent requests carrying the person's cookie, spread over urls; return the statuses."""
+    cookies = browser.cookies.get_dict()
+    statuses: list[int | str] = []
+    barrier = threading.Barrier(count)
+
+    def call(url: str) -> None:
+        barrier.wait()
+        try:
+            statuses.append(requests.get(url, cookies=cookies, timeout=60).status_code)
+        except requests.RequestException as exc:
+            statuses.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=call, args=(urls[i % len(urls)],)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses

@@ -8,7 +8,6 @@ each provider's own login and consent pages in Chromium. OBSERVED holds what dif
 what the README's "Providers" table says.
 """
 
-import threading
 import time
 import uuid
 from datetime import datetime
@@ -21,7 +20,7 @@ import requests
 from browser_server import VIEWPORT
 from conftest import fresh_postgres_database
 from oidc_op import CLIENT_ID, CLIENT_SECRET, DjangoOAuthToolkit, OidcProvider, stored_tokens
-from servers import Gunicorn, free_port, migrate, server_env
+from servers import Gunicorn, burst, free_port, migrate, server_env
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow, pytest.mark.browser]
 
@@ -166,27 +165,6 @@ def wait_for_expiry(client: requests.Session, app: App) -> None:
     """Sleep until the person's access token enters the leeway: the next request must refresh."""
     expires = datetime.fromisoformat(client.get(f"{app.url}/api/session", timeout=30).json()["access_token_expires_at"])
     time.sleep(max(0.0, expires.timestamp() - LEEWAY - time.time()) + 0.2)
-
-
-def burst(client: requests.Session, urls: list[str], count: int) -> list[int | str]:
-    """Send count concurrent requests with the person's cookie, spread over urls; return the statuses."""
-    cookies = client.cookies.get_dict()
-    statuses: list[int | str] = []
-    barrier = threading.Barrier(count)
-
-    def call(url: str) -> None:
-        barrier.wait()
-        try:
-            statuses.append(requests.get(url, cookies=cookies, timeout=60).status_code)
-        except requests.RequestException as exc:
-            statuses.append(type(exc).__name__)
-
-    threads = [threading.Thread(target=call, args=(urls[i % len(urls)],)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return statuses
 
 
 def test_discovery_and_the_endpoints_the_app_uses(op):

@@ -9,7 +9,7 @@ from datetime import datetime
 import pytest
 import requests
 
-from servers import Gunicorn, free_port, http_sign_in, migrate, server_env
+from servers import Gunicorn, burst, free_port, http_sign_in, migrate, server_env
 from standin.store import Store
 
 pytestmark = pytest.mark.slow
@@ -17,27 +17,6 @@ pytestmark = pytest.mark.slow
 LEEWAY = 60
 # Access tokens live 65 s and count as expired 60 s early: a new expiry every 5 seconds.
 TTL = 65
-
-
-def burst(browser: requests.Session, urls: list[str], count: int = 50) -> list[int | str]:
-    """Send count concurrent requests carrying the person's cookie, spread over urls; return the statuses."""
-    cookies = browser.cookies.get_dict()
-    statuses: list[int | str] = []
-    barrier = threading.Barrier(count)
-
-    def call(url: str) -> None:
-        barrier.wait()
-        try:
-            statuses.append(requests.get(url, cookies=cookies, timeout=60).status_code)
-        except requests.RequestException as exc:
-            statuses.append(type(exc).__name__)
-
-    threads = [threading.Thread(target=call, args=(urls[i % len(urls)],)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return statuses
 
 
 def wait_for_expiry(browser: requests.Session, base_url: str) -> None:
