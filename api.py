@@ -3,14 +3,13 @@
 from datetime import UTC, datetime
 
 from flask import Blueprint, abort, current_app, g, jsonify, request, url_for
-from sqlalchemy import select
 
 import bearer
 import csrf
 import downscope
 import pages
 import tokens
-from models import RefreshEvent, db, utcnow
+from models import utcnow
 
 bp = Blueprint("api", __name__)
 
@@ -28,10 +27,9 @@ def session():
     refresh, no cookie renewal. A page may poll it; the session still ends when the person is gone.
     """
     user = _signed_in()
-    attempts = select(RefreshEvent.at, RefreshEvent.outcome).where(RefreshEvent.user_id == user.id, RefreshEvent.kind == "access")
-    last = db.session.execute(attempts.order_by(RefreshEvent.id.desc()).limit(1)).first()
+    last = user.last_refresh_at, user.last_refresh_outcome  # read by the hook, with the session
     # An attempt from before the latest sign-in says nothing about the grant in use now.
-    if last is not None and user.signed_in_at and last.at < user.signed_in_at:
+    if last[0] is None or (user.signed_in_at and last[0] < user.signed_in_at):
         last = None
     expires_at = user.access_expires_at
     return jsonify(
@@ -40,8 +38,8 @@ def session():
         access_token_expires_at=_iso(expires_at),
         access_token_fresh=not tokens.is_stale(expires_at),
         access_token_refreshed_at=_iso(_refreshed_at(user, last)),
-        last_refresh=None if last is None else {"at": _iso(last.at), "outcome": last.outcome},
-        last_refresh_failed=last is not None and last.outcome != "refreshed",
+        last_refresh=None if last is None else {"at": _iso(last[0]), "outcome": last[1]},
+        last_refresh_failed=last is not None and last[1] != "refreshed",
         session_expires_at=_iso(g.session.expires_at),
         sign_out_url=url_for("auth.logout"),
         csrf_token=csrf.token(),
@@ -52,8 +50,8 @@ def _refreshed_at(user, last) -> datetime | None:
     """Return when the access token in use was issued, from the latest attempt when that one succeeded (no second query)."""
     if last is None:
         return user.signed_in_at  # no refresh since the sign-in, which issued it
-    if last.outcome == "refreshed":
-        return last.at
+    if last[1] == "refreshed":
+        return last[0]
     return pages.last_issued(user, "access")  # the latest attempt failed: look further back
 
 

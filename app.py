@@ -241,6 +241,16 @@ def _init_database(app: Flask) -> None:
         options.setdefault("connect_args", {"timeout": wait})
         os.makedirs(app.instance_path, exist_ok=True)
         private_sqlite_file(make_url(uri).database)
+    else:
+        # The sign-in hook's one read per request runs on an engine of its own in autocommit: no
+        # BEGIN before it, no ROLLBACK after it, and a retry instead of a ping (sessions._read).
+        # SQLite's driver begins no transaction for a SELECT, so there the hook reads through the one engine.
+        binds = app.config.setdefault("SQLALCHEMY_BINDS", {})
+        binds.setdefault("reads", {"url": uri, **options, "isolation_level": "AUTOCOMMIT"})
+        # The rest (refreshes, sign-ins, pages that load the whole person) checks a pooled connection
+        # before use, so the first of them after a database restart does not fail: those requests are
+        # few, and each already costs far more than this one round trip.
+        options.setdefault("pool_pre_ping", True)
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
     if uri.startswith("sqlite"):

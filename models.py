@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 from flask import current_app
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, false
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -116,9 +116,12 @@ class RefreshEvent(db.Model):
     """One refresh attempt at the provider, kept so the person can see the lifecycle."""
 
     __tablename__ = "refresh_events"
+    # Every request's hook reads the person's latest access refresh (sessions._by_id_hash): one index
+    # lookup, however long their history. Its first column serves the lookups by person too.
+    __table_args__ = (Index("ix_refresh_events_user_id_kind_id", "user_id", "kind", "id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     kind: Mapped[str] = mapped_column(String(16))  # "access" or "viewer"
     outcome: Mapped[str] = mapped_column(String(32))  # refreshed, invalid_grant, lost_rotation, unavailable

@@ -7,10 +7,10 @@ from datetime import datetime, timedelta
 from flask import Response, current_app, g, request
 from flask.sessions import SessionInterface
 from itsdangerous import BadSignature, Signer
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from models import User, UserSession, db, utcnow
+from models import RefreshEvent, User, UserSession, db, utcnow
 
 # Write last-seen at most this often, so ordinary requests do not write.
 TOUCH_INTERVAL = timedelta(minutes=1)
@@ -69,7 +69,7 @@ class Current:
 
 
 class Person:
-    """The signed-in person as the hook reads them: who they are and when their access token expires.
+    """The signed-in person as the hook reads them: who they are, when their access token expires, their last refresh.
 
     That is all most requests need. Anything else (their tokens, their sessions, the lifecycle
     times) loads the full User on first use, once per request, and is read from it.
@@ -78,7 +78,7 @@ class Person:
     _full: User | None = None
 
     def __init__(self, row):
-        self.id, self.name, self.email, self.access_expires_at, self.signed_in_at = row[5:]
+        self.id, self.name, self.email, self.access_expires_at, self.signed_in_at, self.last_refresh_at, self.last_refresh_outcome = row[5:]
 
     def __getattr__(self, name: str):
         if self._full is None:
@@ -95,44 +95,54 @@ def load() -> tuple[Current, Person] | None:
         session_id = _signer().unsign(value).decode()
     except (BadSignature, UnicodeDecodeError):
         return None
+    id_hash = hash_id(session_id)
     try:
-        row = _read(hash_id(session_id))
+        row = _read(id_hash)
     except DBAPIError as exc:
         if not exc.connection_invalidated:
             raise
         # A pooled connection died with its server (a restart). SQLAlchemy has now dropped every
         # connection as old as that one, so one retry gets a fresh one: cheaper than pinging the
         # database before every request (pool_pre_ping) for what happens once in months.
-        db.session.rollback()
-        row = _read(hash_id(session_id))
+        row = _read(id_hash)
     return (Current(row), Person(row)) if row is not None else None
 
 
 def _read(id_hash: str):
-    if db.engine.dialect.name == "postgresql" and not db.session().in_transaction():
-        # A read needs no transaction: without one there is no BEGIN before it and no ROLLBACK after it.
-        # Whatever later needs one (a refresh, a sign-out) commits first and so starts a real one.
-        db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    return db.session.execute(_BY_ID_HASH, {"id_hash": id_hash}).first()
+    # Not through db.session: one statement needs no Session, no ORM and (on PostgreSQL, whose
+    # "reads" engine runs in autocommit) no BEGIN before it and no ROLLBACK after it.
+    with db.engines.get("reads", db.engine).connect() as connection:
+        return connection.execute(_BY_ID_HASH, {"id_hash": id_hash}).first()
 
 
-# Built once, not per request: one row with what a request needs, and no token (so nothing to decrypt).
-_BY_ID_HASH = (
-    select(
-        UserSession.id_hash,
-        UserSession.user_id,
-        UserSession.expires_at,
-        UserSession.cookie_expires_at,
-        UserSession.last_seen_at,
-        User.id,
-        User.name,
-        User.email,
-        User.access_expires_at,
-        User.signed_in_at,
+def _by_id_hash():
+    """Build the hook's one statement: the session, its person and their latest access refresh, and no token."""
+    sessions, users, events = UserSession.__table__, User.__table__, RefreshEvent.__table__
+    earlier = events.alias("earlier")
+    latest = select(func.max(earlier.c.id)).where(earlier.c.user_id == users.c.id, earlier.c.kind == "access").correlate(users).scalar_subquery()
+    return (
+        select(
+            sessions.c.id_hash,
+            sessions.c.user_id,
+            sessions.c.expires_at,
+            sessions.c.cookie_expires_at,
+            sessions.c.last_seen_at,
+            users.c.id,
+            users.c.name,
+            users.c.email,
+            users.c.access_expires_at,
+            users.c.signed_in_at,
+            events.c.at,
+            events.c.outcome,
+        )
+        .join_from(sessions, users, sessions.c.user_id == users.c.id)
+        .outerjoin(events, events.c.id == latest)
+        .where(sessions.c.id_hash == bindparam("id_hash"))
     )
-    .join(User, UserSession.user_id == User.id)
-    .where(UserSession.id_hash == bindparam("id_hash"))
-)
+
+
+# Built once, not per request.
+_BY_ID_HASH = _by_id_hash()
 
 
 def touch(session: Current) -> None:

@@ -82,6 +82,14 @@ def make_config(tmp_path, database_url: str, **overrides) -> dict:
     return config
 
 
+def close_databases(app) -> None:
+    """Close this app's pooled connections: the session's, and those of every engine (the hook's "reads" too)."""
+    with app.app_context():
+        db.session.remove()
+        for engine in db.engines.values():
+            engine.dispose()
+
+
 def migrate_fresh(app) -> None:
     """Build the schema by running the migrations, so the migrations are what is tested."""
     with app.app_context():
@@ -89,7 +97,7 @@ def migrate_fresh(app) -> None:
             with db.engine.begin() as conn:
                 conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
         upgrade()
-        db.engine.dispose()
+    close_databases(app)
 
 
 @pytest.fixture
@@ -109,9 +117,7 @@ def app_factory(tmp_path, database_url, monkeypatch):
 
     yield make
     for app in made:
-        with app.app_context():
-            db.session.remove()
-            db.engine.dispose()
+        close_databases(app)
         if "standin" in app.extensions:
             # Close its pooled SQLite connections now: Python 3.13 warns about each one left to the collector.
             app.extensions["standin"].extensions["standin_store"].engine.dispose()

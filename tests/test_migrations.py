@@ -11,7 +11,7 @@ from flask_migrate import downgrade, migrate, upgrade
 from sqlalchemy import inspect, text
 
 from app import MIGRATIONS, create_app
-from conftest import make_config
+from conftest import close_databases, make_config
 from models import db
 from servers import BIN, ROOT, server_env
 
@@ -109,5 +109,4 @@ def test_replicas_migrating_together_all_succeed(tmp_path, pg_database):
         thread.join()
     assert [r.returncode for r in results] == [0, 0, 0], "\n".join(r.stderr[-1500:] for r in results)
     assert drift(app) == []
-    with app.app_context():
-        db.engine.dispose()
+    close_databases(app)

@@ -14,7 +14,7 @@ from sqlalchemy import event, text, update
 from sqlalchemy.exc import OperationalError
 
 from app import create_app
-from conftest import expire_access_token, make_config, migrate_fresh, sign_in, stored_user
+from conftest import close_databases, expire_access_token, make_config, migrate_fresh, sign_in, stored_user
 from models import RefreshEvent, User, UserSession, db, utcnow
 from standin.store import refresh_tokens
 
@@ -353,8 +353,7 @@ def test_database_restart_is_not_a_500_and_keeps_the_sign_in(own_postgres, tmp_p
     assert client.get("/api/profile").status_code == 200
     with app.app_context():
         assert db.session.execute(text("SELECT count(*) FROM refresh_events")).scalar() >= 1
-        db.session.remove()
-        db.engine.dispose()
+    close_databases(app)
 
 
 def test_database_down_is_a_503_and_loses_nothing(own_postgres, tmp_path):
@@ -369,9 +368,7 @@ def test_database_down_is_a_503_and_loses_nothing(own_postgres, tmp_path):
     finally:
         own_postgres.start()
     assert client.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
-    with app.app_context():
-        db.session.remove()
-        db.engine.dispose()
+    close_databases(app)
 
 
 def test_refresh_events_record_the_outcome_of_each_refresh(app, client):

@@ -240,19 +240,25 @@ def test_signed_in_request_reads_one_row_and_decrypts_no_token(app, client):
     decrypt = cipher.decrypt
     cipher.decrypt = lambda token, *args: decrypted.append(1) or decrypt(token, *args)
     with app.app_context():
-        engine = db.engine
+        engines = list(db.engines.values())  # the hook's "reads" engine too, on PostgreSQL
 
     def count(conn, cursor, statement, *args):
         statements.append(statement)
 
-    event.listen(engine, "before_cursor_execute", count)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", count)
     try:
         assert client.get("/").status_code == 200
         assert (statements, decrypted) == ([statements[0]], [])
         assert statements[0].lstrip().upper().startswith("SELECT")
         statements.clear()
+        # The session status comes with the same row, its last refresh included: still one SELECT.
+        assert client.get("/api/session").get_json()["last_refresh"] is None
+        assert (len(statements), decrypted) == (1, [])
+        statements.clear()
         assert client.get("/api/profile").status_code == 200  # uses the access token: decrypted now
         assert decrypted
     finally:
-        event.remove(engine, "before_cursor_execute", count)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", count)
         cipher.decrypt = decrypt
