@@ -127,7 +127,8 @@ class RefreshEvent(db.Model):
     outcome: Mapped[str] = mapped_column(String(32))  # refreshed, invalid_grant, lost_rotation, unavailable
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
     trigger: Mapped[str] = mapped_column(String(255), default="")
-    # Requests that waited on this refresh's lock and then used its result instead of refreshing.
+    # Requests that waited for this refresh and then used its result, as the refresher counted them
+    # (PostgreSQL; 0 on SQLite, where waiters queue for the database write lock unseen).
     waiters: Mapped[int] = mapped_column(Integer, default=0)
 
 

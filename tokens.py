@@ -10,9 +10,11 @@ so the database holds the locks:
    waiting, and then the person's row lock (SELECT ... FOR UPDATE), which sign-in and
    sign-out take too. A request that finds the turn taken waits for a *shared* advisory
    lock instead: all waiters get it together the moment the refresher commits, let go of it
-   at once and read the row without any lock, so they never queue behind one another.
+   at once and read the row without any lock, so they never queue behind one another. They
+   write nothing: the refresher counts them (pg_locks) just before its commit and records
+   the count with its refresh event.
    On SQLite the turn is the database write lock (BEGIN IMMEDIATE), which waiters take one
-   after another, each for a read and a commit.
+   after another, each for a read and a commit; there no one can count them.
 2. Re-read the tokens: a waiter usually finds that the refresher already refreshed them,
    and uses the result. If that refresh failed, the waiter queues for the row lock and
    looks again; only one request ever holds the row lock while it refreshes.
@@ -238,10 +240,8 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         db.session.rollback()
         raise SignInRequired("person no longer exists")
     if _is_fresh(user, kind, rejected):
-        # Another request refreshed while we waited: use its result. Release any lock before counting
-        # ourselves, so no one queues behind our bookkeeping.
+        # Another request refreshed while we waited: use its result. Writing nothing, so no one queues behind us.
         db.session.commit()
-        _count_waiter(user_id, kind)
         _log(user_id, kind, "used_fresh", timing, trigger)
         return user
     if not user.refresh_token:
@@ -287,8 +287,9 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         _forget(user, kind, downscope.NARROWED, trigger, timing)
         downscope.note_narrowed_grant(user_id, reply)
         raise SignInRequired("the provider narrowed the whole grant", notice=downscope.NOTICE)
+    waiters = _waiting_for_turn(user_id)
     user = _store_rotation(user_id, user, kind, used, reply, scope)
-    _finish(user_id, kind, "refreshed", trigger, timing, provider_ms=provider_ms)
+    _finish(user_id, kind, "refreshed", trigger, timing, provider_ms=provider_ms, waiters=waiters)
     return user
 
 
@@ -445,10 +446,13 @@ def _forget(user: User, kind: str, outcome: str, trigger: str, timing: tuple[flo
     _finish(user_id, kind, outcome, trigger, timing)
 
 
-def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[float, float], reason: str = "", provider_ms: int | None = None) -> None:
+def _finish(
+    user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[float, float], reason: str = "", provider_ms: int | None = None, waiters: int = 0
+) -> None:
     """Record the refresh event in a transaction of its own and log it; losing the record loses nothing else."""
     try:
-        db.session.add(RefreshEvent(user_id=user_id, kind=kind, outcome=outcome, trigger=_clean(trigger), duration_ms=_ms(timing[0])))
+        event = RefreshEvent(user_id=user_id, kind=kind, outcome=outcome, trigger=_clean(trigger), duration_ms=_ms(timing[0]), waiters=waiters)
+        db.session.add(event)
         db.session.commit()
     except SQLAlchemyError as exc:
         db.session.rollback()
@@ -456,25 +460,13 @@ def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[f
     _log(user_id, kind, outcome, timing, trigger, reason, provider_ms)
 
 
-def _count_waiter(user_id: int, kind: str) -> None:
-    """Count a request that used another's refresh on that refresh's event, once the refresher has recorded it.
-
-    The event is written after the rotation's commit, so the latest one may still be the previous
-    refresh: only one within the longest lock wait counts, which a refresh an access token apart never is.
-    """
-    since = utcnow() - timedelta(milliseconds=_lock_wait_ms())
-    latest = (
-        select(RefreshEvent.id)
-        .where(RefreshEvent.user_id == user_id, RefreshEvent.kind == kind, RefreshEvent.outcome == "refreshed", RefreshEvent.at >= since)
-        .order_by(RefreshEvent.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    try:
-        db.session.execute(update(RefreshEvent).where(RefreshEvent.id == latest).values(waiters=RefreshEvent.waiters + 1))
-        db.session.commit()
-    except SQLAlchemyError:
-        db.session.rollback()  # a count, not a token: never worth an error page
+def _waiting_for_turn(user_id: int) -> int:
+    """Count the requests waiting for our refresh turn (PostgreSQL), to record with the refresh; SQLite cannot tell."""
+    if db.engine.dialect.name != "postgresql":
+        return 0
+    # A two-key advisory lock shows in pg_locks as classid = first key, objid = second key, objsubid = 2.
+    waiting = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = :turn AND objid = :user_id AND objsubid = 2 AND NOT granted")
+    return db.session.execute(waiting, {"turn": REFRESH_TURN, "user_id": user_id}).scalar_one()
 
 
 def _clean(trigger: str) -> str:

@@ -3,6 +3,7 @@
 import json
 import logging
 import threading
+import time
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
@@ -168,8 +169,51 @@ def test_waiter_rereads_after_lock_and_does_not_refresh(app, client, standin):
         fresh = tokens.ensure_fresh_access_token(stale, trigger="test")
         assert standin.count("refresh") == before
         assert not tokens.is_stale(fresh.access_expires_at)
-        waited = db.session.execute(db.select(RefreshEvent.waiters).order_by(RefreshEvent.id.desc())).scalars().first()
-        assert waited == 1
+
+
+def test_waiters_write_nothing_and_the_refresher_records_how_many_waited(app, client, standin):
+    """Requests behind a refresh only read its result; on PostgreSQL the refresher counts them on its event."""
+    sign_in(client)
+    expire_access_token(app)
+    standin.inject("timeout", delay=1.5)  # the refresh takes 1.5 s at the provider, then succeeds
+    cookie = _session_cookie(client)
+
+    def request_profile(statuses: list) -> None:
+        browser = app.test_client()
+        browser.set_cookie(*cookie)
+        statuses.append(browser.get("/api/profile").status_code)
+
+    statuses: list[int] = []
+    refresher = threading.Thread(target=request_profile, args=(statuses,))
+    refresher.start()
+    deadline = time.monotonic() + 5
+    while not standin.fault_takers() and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the refresher is at the provider, holding the turn
+    with app.app_context():
+        engine = db.engine
+    writes: list[str] = []
+
+    def count(conn, cursor, statement, *args) -> None:
+        if not statement.lstrip().upper().startswith(("SELECT", "SET", "BEGIN")):
+            writes.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    waiters = [threading.Thread(target=request_profile, args=(statuses,)) for _ in range(4)]
+    try:
+        for thread in waiters:
+            thread.start()
+        for thread in [refresher, *waiters]:
+            thread.join(timeout=30)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert statuses == [200] * 5
+    assert standin.count("refresh") == 2  # the viewer token's at sign-in, and this one
+    with app.app_context():
+        recorded = db.session.execute(db.select(RefreshEvent).where(RefreshEvent.kind == "access")).scalar_one()
+        assert recorded.outcome == "refreshed"
+        # The waiters wrote nothing: only the refresher's rotation and event (and last-seen) were written.
+        assert all("refresh_events" not in statement or "INSERT" in statement.upper() for statement in writes), writes
+        assert recorded.waiters == (4 if engine.dialect.name == "postgresql" else 0)
 
 
 def test_refresh_logs_one_structured_line_without_tokens(app, client, caplog):
