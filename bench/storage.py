@@ -65,11 +65,12 @@ def captured_lookup(app, cookie: str) -> tuple[str, dict]:
         seen.append((statement, parameters))
 
     with app.test_request_context("/api/session", headers={"Cookie": f"session={cookie}"}):
-        event.listen(db.engine, "before_cursor_execute", note)
+        reads = db.engines.get("reads", db.engine)  # the hook reads through its own engine on PostgreSQL
+        event.listen(reads, "before_cursor_execute", note)
         try:
             assert sessions.load() is not None
         finally:
-            event.remove(db.engine, "before_cursor_execute", note)
+            event.remove(reads, "before_cursor_execute", note)
             db.session.remove()
     (lookup,) = [(statement, parameters) for statement, parameters in seen if "user_sessions" in statement]
     return lookup
@@ -130,7 +131,8 @@ def run(folder, quick: bool) -> dict:
             with app.app_context():
                 size = db.session.execute(text("SELECT pg_total_relation_size('user_sessions')")).scalar_one()
                 db.session.remove()
-                db.engine.dispose()
+                for engine in db.engines.values():
+                    engine.dispose()
         results.append(
             {
                 "sessions": sessions,
