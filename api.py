@@ -27,31 +27,31 @@ def session():
     refresh, no cookie renewal. A page may poll it; the session still ends when the person is gone.
     """
     user = _signed_in()
-    last = user.last_refresh_at, user.last_refresh_outcome  # read by the hook, with the session
+    at, outcome = user.last_refresh_at, user.last_refresh_outcome  # the latest access refresh, read by the hook
     # An attempt from before the latest sign-in says nothing about the grant in use now.
-    if last[0] is None or (user.signed_in_at and last[0] < user.signed_in_at):
-        last = None
+    if at is None or (user.signed_in_at and at < user.signed_in_at):
+        at = outcome = None
     expires_at = user.access_expires_at
     return jsonify(
         signed_in=True,
         user={"id": user.id, "name": user.name, "email": user.email},
         access_token_expires_at=_iso(expires_at),
         access_token_fresh=not tokens.is_stale(expires_at),
-        access_token_refreshed_at=_iso(_refreshed_at(user, last)),
-        last_refresh=None if last is None else {"at": _iso(last[0]), "outcome": last[1]},
-        last_refresh_failed=last is not None and last[1] != "refreshed",
+        access_token_refreshed_at=_iso(_refreshed_at(user, at, outcome)),
+        last_refresh=None if at is None else {"at": _iso(at), "outcome": outcome},
+        last_refresh_failed=at is not None and outcome != "refreshed",
         session_expires_at=_iso(g.session.expires_at),
         sign_out_url=url_for("auth.logout"),
         csrf_token=csrf.token(),
     )
 
 
-def _refreshed_at(user, last) -> datetime | None:
-    """Return when the access token in use was issued, from the latest attempt when that one succeeded (no second query)."""
-    if last is None:
+def _refreshed_at(user, at: datetime | None, outcome: str | None) -> datetime | None:
+    """Return when the access token in use was issued, from the latest attempt when that one succeeded (no query)."""
+    if at is None:
         return user.signed_in_at  # no refresh since the sign-in, which issued it
-    if last[1] == "refreshed":
-        return last[0]
+    if outcome == "refreshed":
+        return at
     return pages.last_issued(user, "access")  # the latest attempt failed: look further back
 
 
