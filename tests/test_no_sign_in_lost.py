@@ -356,6 +356,19 @@ def test_database_restart_is_not_a_500_and_keeps_the_sign_in(own_postgres, tmp_p
     close_databases(app)
 
 
+def test_first_sign_in_after_a_database_restart_succeeds(own_postgres, tmp_path):
+    """A sign-in callback whose first database use meets a connection killed by the restart still signs in: no 503."""
+    app = create_app(make_config(tmp_path, own_postgres.url))
+    migrate_fresh(app)
+    sign_in(app.test_client())  # the pools now hold connections that the restart will kill
+    own_postgres.restart()
+    newcomer = app.test_client()
+    back = sign_in(newcomer, "Grace Hopper")
+    assert back.status_code == 302, back.status_code
+    assert newcomer.get("/api/session").get_json()["user"]["name"] == "Grace Hopper"
+    close_databases(app)
+
+
 def test_database_down_is_a_503_and_loses_nothing(own_postgres, tmp_path):
     app = create_app(make_config(tmp_path, own_postgres.url))
     migrate_fresh(app)
