@@ -75,22 +75,12 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
     _check_url("OAUTH_ISSUER", issuer)
     if redirect_uri:
         _check_url("OAUTH_REDIRECT_URI", redirect_uri)
-    userinfo_url = env("OAUTH_USERINFO_URL")
-    if userinfo_url:
-        _check_url("OAUTH_USERINFO_URL", userinfo_url)
-    revocation_url = env("OAUTH_REVOCATION_URL")
-    if revocation_url:
-        _check_url("OAUTH_REVOCATION_URL", revocation_url)
+    userinfo_url = _optional_url(environ, "OAUTH_USERINFO_URL")
+    revocation_url = _optional_url(environ, "OAUTH_REVOCATION_URL")
     # The API host behind /api/aps/; unset, APS's own (the stand-in serves the same paths under its issuer), none for oidc.
-    api_url = env("APS_API_URL")
-    if api_url:
-        _check_url("APS_API_URL", api_url)
-    post_logout_uri = env("OAUTH_POST_LOGOUT_REDIRECT_URI")
-    if post_logout_uri:
-        _check_url("OAUTH_POST_LOGOUT_REDIRECT_URI", post_logout_uri)
-    backchannel_url = env("OAUTH_BACKCHANNEL_URL")
-    if backchannel_url:
-        _check_url("OAUTH_BACKCHANNEL_URL", backchannel_url)
+    api_url = _optional_url(environ, "APS_API_URL")
+    post_logout_uri = _optional_url(environ, "OAUTH_POST_LOGOUT_REDIRECT_URI")
+    backchannel_url = _optional_url(environ, "OAUTH_BACKCHANNEL_URL")
 
     config = {
         "APP_ENV": "production" if production else "development",
@@ -192,6 +182,14 @@ def _https_or_loopback(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _optional_url(environ: Mapping[str, str], name: str) -> str | None:
+    """Read a URL setting that may be unset, as given; refuse one set to anything but an absolute http(s) URL."""
+    value = environ.get(name)
+    if value:
+        _check_url(name, value)
+    return value
 
 
 def _check_url(name: str, value: str) -> None:
