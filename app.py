@@ -182,12 +182,7 @@ def _sign_in_again(notice: str) -> tuple[Response | str, int]:
 
 def provider_unavailable(exc: tokens.RefreshUnavailable) -> tuple[Response | str, int]:
     """Answer 503 and keep the session: the next request tries again."""
-    message = "The sign-in provider is not answering right now; you are still signed in, please try again in a moment."
-    if _wants_json():
-        return jsonify(error="provider_unavailable", message=message), 503
-    # The link repeats the request: only a local path, or a crafted one (/%5Chost) would send the person elsewhere.
-    retry = safe_next(request.full_path.rstrip("?"))
-    return render_template("error.html", title="Please try again in a moment", detail=message, retry=retry), 503
+    return _try_again("provider_unavailable", "The sign-in provider is not answering right now; you are still signed in, please try again in a moment.")
 
 
 def database_unavailable(exc: SQLAlchemyError) -> tuple[Response | str, int]:
@@ -196,10 +191,16 @@ def database_unavailable(exc: SQLAlchemyError) -> tuple[Response | str, int]:
         db.session.rollback()
     g.user = g.session = None  # the page must not touch the database again to show who is signed in
     current_app.logger.warning("database unavailable: %s", type(getattr(exc, "orig", None) or exc).__name__)
-    message = "This app cannot reach its database right now; please try again in a moment."
+    return _try_again("database_unavailable", "This app cannot reach its database right now; please try again in a moment.")
+
+
+def _try_again(error: str, message: str) -> tuple[Response | str, int]:
+    """Answer 503 saying why, with a link that repeats the request."""
     if _wants_json():
-        return jsonify(error="database_unavailable", message=message), 503
-    return render_template("error.html", title="Please try again in a moment", detail=message, retry=safe_next(request.full_path.rstrip("?"))), 503
+        return jsonify(error=error, message=message), 503
+    # Only a local path: a crafted one (/%5Chost) would send the person elsewhere.
+    retry = safe_next(request.full_path.rstrip("?"))
+    return render_template("error.html", title="Please try again in a moment", detail=message, retry=retry), 503
 
 
 def provider_refused(exc: tokens.RefreshRefused) -> tuple[Response | str, int]:
