@@ -111,7 +111,7 @@ def load() -> tuple[Current, Person] | None:
 def _read(id_hash: str):
     # Not through db.session: one statement needs no Session, no ORM and (on PostgreSQL, whose
     # "reads" engine runs in autocommit) no BEGIN before it and no ROLLBACK after it.
-    with db.engines.get("reads", db.engine).connect() as connection:
+    with (db.engines.get("reads") or db.engine).connect() as connection:
         return connection.execute(_BY_ID_HASH, {"id_hash": id_hash}).first()
 
 
