@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -12,9 +13,11 @@ import pytest
 from flask_migrate import upgrade
 from sqlalchemy import text
 from sqlalchemy.orm import undefer_group
+from werkzeug.serving import make_server
 
 from app import create_app
 from models import User, db, utcnow
+from standin import create_app as create_standin
 
 PG_ADMIN = os.environ.get("TEST_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 ISSUER = "http://localhost/standin"
@@ -80,6 +83,34 @@ def make_config(tmp_path, database_url: str, **overrides) -> dict:
     }
     config.update(overrides)
     return config
+
+
+@contextlib.contextmanager
+def standin_over_http(tmp_path, wrap=lambda provider: provider) -> Iterator[tuple[str, object, object]]:
+    """Serve a stand-in over real HTTP as a separate OpenID Connect provider, wrapped as a test wants.
+
+    Yield its issuer, its store (count refreshes, inject faults) and the WSGI app served (the wrapper).
+    """
+    server = make_server("127.0.0.1", 0, None, threaded=True)
+    issuer = f"http://127.0.0.1:{server.server_port}"
+    provider = create_standin(
+        {
+            "issuer": issuer,
+            "clients": {"oidc-client": "oidc-secret"},
+            "redirect_uris": ["http://localhost/auth/callback"],
+            "database_url": f"sqlite:///{tmp_path / 'oidc.sqlite'}",
+            "access_ttl": 3599,
+            "strict": True,
+        }
+    )
+    server.app = wrap(provider)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield issuer, provider.extensions["standin_store"], server.app
+    finally:
+        server.shutdown()
+        thread.join()
 
 
 def close_databases(app) -> None:

@@ -6,7 +6,6 @@ test, where panva's oidc-provider signs and sends the logout token itself.
 """
 
 import json
-import threading
 import time
 import uuid
 
@@ -15,12 +14,10 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select, update
-from werkzeug.serving import make_server
 from werkzeug.test import Client
 from werkzeug.wrappers import Response
 
-import standin
-from conftest import stored_user
+from conftest import standin_over_http, stored_user
 from models import UserSession, db
 from standin.store import digest
 
@@ -49,24 +46,8 @@ class WithKeys:
 
 @pytest.fixture
 def oidc(tmp_path):
-    server = make_server("127.0.0.1", 0, None, threaded=True)
-    issuer = f"http://127.0.0.1:{server.server_port}"
-    inner = standin.create_app(
-        {
-            "issuer": issuer,
-            "clients": {"oidc-client": "oidc-secret"},
-            "redirect_uris": ["http://localhost/auth/callback"],
-            "database_url": f"sqlite:///{tmp_path / 'oidc.sqlite'}",
-            "access_ttl": 3599,
-            "strict": True,
-        }
-    )
-    server.app = WithKeys(inner)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield issuer, inner.extensions["standin_store"]
-    server.shutdown()
-    thread.join()
+    with standin_over_http(tmp_path, WithKeys) as (issuer, store, _):
+        yield issuer, store
 
 
 @pytest.fixture

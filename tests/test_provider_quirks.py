@@ -12,12 +12,10 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 import requests
 from sqlalchemy import delete, select, update
-from werkzeug.serving import make_server
 from werkzeug.test import Client, run_wsgi_app
 from werkzeug.wrappers import Response
 
-import standin
-from conftest import expire_access_token, sign_in, stored_user
+from conftest import expire_access_token, sign_in, standin_over_http, stored_user
 from standin.store import access_tokens, digest, refresh_tokens
 
 
@@ -107,24 +105,9 @@ class Quirks:
 @pytest.fixture
 def quirky_oidc(request, tmp_path):
     """A separate OIDC provider over real HTTP with the quirks the test names (indirect parameter)."""
-    server = make_server("127.0.0.1", 0, None, threaded=True)
-    issuer = f"http://127.0.0.1:{server.server_port}"
-    inner = standin.create_app(
-        {
-            "issuer": issuer,
-            "clients": {"oidc-client": "oidc-secret"},
-            "redirect_uris": ["http://localhost/auth/callback"],
-            "database_url": f"sqlite:///{tmp_path / 'oidc.sqlite'}",
-            "access_ttl": 3599,
-            "strict": True,
-        }
-    )
-    server.app = Quirks(inner, **getattr(request, "param", {}))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield issuer, inner.extensions["standin_store"], server.app.quirks
-    server.shutdown()
-    thread.join()
+    quirks = getattr(request, "param", {})
+    with standin_over_http(tmp_path, lambda provider: Quirks(provider, **quirks)) as (issuer, store, served):
+        yield issuer, store, served.quirks
 
 
 def oidc_app(app_factory, issuer, **settings):

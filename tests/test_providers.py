@@ -1,37 +1,19 @@
 """Provider presets and configuration: APS endpoints, a generic OIDC provider, clear start-up errors."""
 
-import threading
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
-from werkzeug.serving import make_server
 
-import standin
 from app import create_app
-from conftest import expire_access_token, make_config
+from conftest import expire_access_token, make_config, standin_over_http
 
 
 @pytest.fixture
 def oidc_server(tmp_path):
     """Serve the stand-in over real HTTP as a separate OpenID Connect provider."""
-    server = make_server("127.0.0.1", 0, None, threaded=True)
-    issuer = f"http://127.0.0.1:{server.server_port}"
-    server.app = standin.create_app(
-        {
-            "issuer": issuer,
-            "clients": {"oidc-client": "oidc-secret"},
-            "redirect_uris": ["http://localhost/auth/callback"],
-            "database_url": f"sqlite:///{tmp_path / 'oidc.sqlite'}",
-            "access_ttl": 3599,
-            "strict": True,
-        }
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield issuer, server.app.extensions["standin_store"]
-    server.shutdown()
-    thread.join()
+    with standin_over_http(tmp_path) as (issuer, store, _):
+        yield issuer, store
 
 
 def test_oidc_provider_from_discovery_document(app_factory, oidc_server):
