@@ -14,15 +14,7 @@
   var labels = 0;
 
   function say(message, kind, link) {
-    var el = document.getElementById("browse-status");
-    el.className = "status" + (kind ? " status-" + kind : "");
-    el.textContent = message;
-    if (link) {
-      var a = document.createElement("a");
-      a.href = link.href;
-      a.textContent = link.text;
-      el.append(" ", a);
-    }
+    window.PageFormat.status("browse-status", message, kind, link);
   }
 
   // The API names its links by the API host; ask the same path and query of the proxy instead.

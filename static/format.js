@@ -38,11 +38,24 @@
     nav.dataset.signedOut = "1";
   }
 
+  // A page's status line: a message, styled by kind ("error", "ok"...), with an optional link after it.
+  function status(id, message, kind, link) {
+    var el = document.getElementById(id);
+    el.className = "status" + (kind ? " status-" + kind : "");
+    el.textContent = message;
+    if (link) {
+      var a = document.createElement("a");
+      a.href = link.href;
+      a.textContent = link.text;
+      el.append(" ", a);
+    }
+  }
+
   // The server writes UTC into every <time>; show the browser's local time instead.
   document.querySelectorAll("time[datetime]").forEach(function (el) {
     var ms = Date.parse(el.getAttribute("datetime"));
     if (!isNaN(ms)) el.textContent = moment(ms);
   });
 
-  window.PageFormat = { set: set, duration: duration, clock: clock, moment: moment, signedOutHeader: signedOutHeader };
+  window.PageFormat = { set: set, duration: duration, clock: clock, moment: moment, signedOutHeader: signedOutHeader, status: status };
 })();

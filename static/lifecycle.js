@@ -26,15 +26,7 @@
   function at(offset) { return base + offset * 1000; }
 
   function say(message, kind, link) {
-    var el = $("live-status");
-    el.className = "status" + (kind ? " status-" + kind : "");
-    el.textContent = message;
-    if (link) {
-      var a = document.createElement("a");
-      a.href = link.href;
-      a.textContent = link.text;
-      el.append(" ", a);
-    }
+    window.PageFormat.status("live-status", message, kind, link);
   }
 
   function poll() {

@@ -21,15 +21,7 @@
   function truncate(token) { return token.slice(0, 8) + "…"; }
 
   function say(message, kind, link) {
-    var el = $("viewer-status");
-    el.className = "status" + (kind ? " status-" + kind : "");
-    el.textContent = message;
-    if (link) {
-      var a = document.createElement("a");
-      a.href = link.href;
-      a.textContent = link.text;
-      el.append(" ", a);
-    }
+    window.PageFormat.status("viewer-status", message, kind, link);
   }
 
   function getToken() {
