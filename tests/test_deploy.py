@@ -161,7 +161,7 @@ def test_dockerfile_follows_the_deployment_rules():
 def variables_used() -> set[str]:
     """Every environment variable the app, the stand-in service, the entrypoint and the stack read."""
     sources = {
-        "config.py": r"""(?:env|_int|_bool)\((?:environ, )?"([A-Z][A-Z0-9_]+)\"""",
+        "config.py": r"""(?:env|_int|_bool|_optional_url)\((?:environ, )?"([A-Z][A-Z0-9_]+)\"""",
         "standin/wsgi.py": r"""environ\.get\("([A-Z][A-Z0-9_]+)"\)""",
         "deploy/wait_for_db.py": r"""environ\.get\("([A-Z][A-Z0-9_]+)\"""",
         "deploy/entrypoint.sh": r"\$\{([A-Z][A-Z0-9_]+)[:}-]",
