@@ -236,9 +236,10 @@ def _init_database(app: Flask) -> None:
     options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
     # Error messages and logs never show bound values: they are token ciphertext and email addresses.
     options.setdefault("hide_parameters", True)
+    # A request waiting for another's refresh (or sign-in, or sign-out) waits for its lock as long as a
+    # refresh may take, then gets a 503: SQLite's busy timeout, PostgreSQL's lock_timeout.
+    wait = app.config["PROVIDER_REFRESH_TIMEOUT"] + 2 * app.config["PROVIDER_TIMEOUT"]
     if uri.startswith("sqlite"):
-        # A request waiting for another's refresh waits on the write lock, as long as a refresh may take.
-        wait = app.config["PROVIDER_REFRESH_TIMEOUT"] + 2 * app.config["PROVIDER_TIMEOUT"]
         options.setdefault("connect_args", {"timeout": wait})
         os.makedirs(app.instance_path, exist_ok=True)
         private_sqlite_file(make_url(uri).database)
@@ -248,6 +249,7 @@ def _init_database(app: Flask) -> None:
         # SQLite's driver begins no transaction for a SELECT, so there the hook reads through the one engine.
         binds = app.config.setdefault("SQLALCHEMY_BINDS", {})
         binds.setdefault("reads", {"url": uri, **options, "isolation_level": "AUTOCOMMIT"})
+        options.setdefault("connect_args", {"options": f"-c lock_timeout={int(wait * 1000)}"})
         # The rest (refreshes, sign-ins, pages that load the whole person) checks a pooled connection
         # before use, so the first of them after a database restart does not fail: those requests are
         # few, and each already costs far more than this one round trip.

@@ -7,26 +7,30 @@ asks, and a rotated token must never be lost. The database is the one thing they
 so the database holds the locks:
 
 1. Take the person's refresh turn. On PostgreSQL that is an advisory lock, taken without
-   waiting, and then the person's row lock (SELECT ... FOR UPDATE), which sign-in and
-   sign-out take too. A request that finds the turn taken waits for a *shared* advisory
-   lock instead: all waiters get it together the moment the refresher commits, let go of it
-   at once and read the row without any lock, so they never queue behind one another. They
-   write nothing: the refresher counts them (pg_locks) just before its commit and records
-   the count with its refresh event.
+   waiting, together with the person's row lock (SELECT ... FOR UPDATE), which sign-in and
+   sign-out take too: one statement reads the row, locked, only if the turn was free. A
+   request that finds the turn taken waits for a *shared* advisory lock instead: all waiters
+   get it together the moment the refresher commits, let go of it at once and read the row
+   without any lock, so they never queue behind one another. They write nothing: the
+   refresher's event row counts them (pg_locks) as it is written, just before its commit.
    On SQLite the turn is the database write lock (BEGIN IMMEDIATE), which waiters take one
    after another, each for a read and a commit; there no one can count them.
+   No lock is waited for longer than a refresh may take (PROVIDER_REFRESH_TIMEOUT + 2 x
+   PROVIDER_TIMEOUT: PostgreSQL's lock_timeout and SQLite's busy timeout, set per
+   connection in app.py); then the request gets a 503 and nothing is lost.
 2. Re-read the tokens: a waiter usually finds that the refresher already refreshed them,
    and uses the result. If that refresh failed, the waiter queues for the row lock and
    looks again; only one request ever holds the row lock while it refreshes.
 3. If an earlier refresh was sent but its reply never came (refresh_unsure), ask the
    provider's introspection whether the kept token still lives before replaying it.
 4. Refresh at the provider (one round trip; the reply may take PROVIDER_REFRESH_TIMEOUT).
-5. Durable commit: store the rotated tokens at once, in a transaction of their own that
-   holds nothing a client chose, then release the lock. If that commit fails (database
-   restart, deadlock), retry it on a fresh connection for ROTATION_STORE_RETRY seconds; a
-   rotation that still cannot be stored is logged at ERROR as lost_rotation.
-6. Record the refresh event afterwards, in its own transaction, with its client-chosen
-   trigger cleaned: a refused event row must never take the tokens down with it.
+5. Durable commit: store the rotated tokens at once, with their refresh event (its one
+   client-chosen value, the trigger, cleaned), in one transaction, then release the locks.
+   If that commit fails (database restart, deadlock, a refused event row), retry it on a
+   fresh connection for ROTATION_STORE_RETRY seconds, storing the tokens alone: an event
+   row must never take the tokens down with it. A rotation that still cannot be stored is
+   logged at ERROR as lost_rotation. Every other outcome's event is recorded afterwards, in
+   a transaction of its own.
 
 What each answer of the provider means:
 
@@ -69,7 +73,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import Integer, bindparam, column, delete, func, insert, select, table, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import undefer_group
 
@@ -88,6 +92,38 @@ SIGN_IN_GRACE = 2.0
 REFRESH_TURN = 0x52_46  # "RF"
 # A provider that refused a refresh (invalid_scope...) is not asked the same again for this long.
 REFUSAL_BACKOFF = timedelta(minutes=5)
+
+# The statements of a refresh, built once: on this path, building a statement costs more than running
+# it. All but the person's own row are on table columns, which spares them the ORM's work.
+_users, _sessions, _events = User.__table__, UserSession.__table__, RefreshEvent.__table__
+_PERSON = select(User).where(User.id == bindparam("user_id")).options(undefer_group("tokens")).execution_options(populate_existing=True)
+_LOCKED_PERSON = _PERSON.with_for_update()
+_turn_of_user_id = (REFRESH_TURN, bindparam("user_id", type_=Integer))
+# PostgreSQL: the person's row, locked, if their refresh turn was free and is now ours; no row otherwise.
+_TURN_AND_LOCKED_PERSON = _LOCKED_PERSON.where(func.pg_try_advisory_xact_lock(*_turn_of_user_id))
+_WAIT_FOR_TURN = select(func.pg_advisory_xact_lock_shared(*_turn_of_user_id))
+_LATEST_EVENT = (
+    select(_events.c.outcome, _events.c.at)
+    .where(_events.c.user_id == bindparam("user_id"), _events.c.kind == bindparam("kind"))
+    .order_by(_events.c.id.desc())
+    .limit(1)
+)
+_UPDATE_PERSON = update(_users).where(_users.c.id == bindparam("person"))
+# Live sessions live as long as the refresh token that keeps them signed in; ended ones stay ended.
+_SESSIONS_FOLLOW = (
+    update(_sessions).where(_sessions.c.user_id == bindparam("person"), _sessions.c.expires_at > bindparam("now")).values(expires_at=bindparam("until"))
+)
+_RECORD_EVENT = insert(_events)
+# The requests waiting for a person's refresh turn, counted as the refresher writes its event: a
+# two-key advisory lock shows in pg_locks as classid = first key, objid = second key, objsubid = 2.
+_pg_locks = table("pg_locks", column("locktype"), column("classid"), column("objid"), column("objsubid"), column("granted"))
+_WAITING = (
+    select(func.count())
+    .select_from(_pg_locks)
+    .where(_pg_locks.c.locktype == "advisory", _pg_locks.c.classid == REFRESH_TURN, _pg_locks.c.objsubid == 2, ~_pg_locks.c.granted)
+    .where(_pg_locks.c.objid == bindparam("turn_of", type_=Integer))
+)
+_RECORD_EVENT_COUNTING_WAITERS = _RECORD_EVENT.values(waiters=_WAITING.scalar_subquery())
 
 
 class SignInRequired(Exception):
@@ -287,9 +323,8 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         _forget(user, kind, downscope.NARROWED, trigger, timing)
         downscope.note_narrowed_grant(user_id, reply)
         raise SignInRequired("the provider narrowed the whole grant", notice=downscope.NOTICE)
-    waiters = _waiting_for_turn(user_id)
-    user = _store_rotation(user_id, user, kind, used, reply, scope)
-    _finish(user_id, kind, "refreshed", trigger, timing, provider_ms=provider_ms, waiters=waiters)
+    user = _store_rotation(user_id, user, kind, used, reply, scope, trigger, started)
+    _log(user_id, kind, "refreshed", timing, trigger, provider_ms=provider_ms)
     return user
 
 
@@ -326,8 +361,11 @@ def _settle_unsure(user: User, kind: str, trigger: str, timing: tuple[float, flo
     user.refresh_unsure = False
 
 
-def _store_rotation(user_id: int, user: User, kind: str, used: str, reply: TokenResponse, scope: str | None) -> User:
-    """Commit the rotated tokens in a transaction of their own; retry on a fresh connection when the commit fails."""
+def _store_rotation(user_id: int, user: User, kind: str, used: str, reply: TokenResponse, scope: str | None, trigger: str, started: float) -> User:
+    """Commit the rotated tokens with their refresh event in a transaction of their own; retry on a fresh connection when the commit fails.
+
+    A retry stores the tokens alone: whatever refused the first commit may have been the event row.
+    """
     deadline = time.monotonic() + current_app.config["ROTATION_STORE_RETRY"]
     pause, attempt = 0.05, 0
     while True:
@@ -341,6 +379,8 @@ def _store_rotation(user_id: int, user: User, kind: str, used: str, reply: Token
                         raise SignInRequired("the grant ended while its rotation was being stored")
                     return user
             _apply_refresh(user, kind, reply, scope)
+            if not attempt:
+                _add_event(user_id, kind, trigger, started)
             db.session.commit()
             return user
         except (SQLAlchemyError, RefreshUnavailable) as exc:
@@ -363,8 +403,8 @@ def _take_refresh_turn(user_id: int) -> tuple[User | None, bool]:
     """Become the one request that refreshes this person, or wait for the one that is and read its result.
 
     Return the person (row-locked when it is our turn) and whether we waited for another refresher.
-    On PostgreSQL the turn is a transaction-scoped advisory lock, taken without waiting: whoever
-    gets it refreshes, holding the row lock too. Everyone else waits for it with a shared advisory
+    On PostgreSQL the turn is a transaction-scoped advisory lock, taken without waiting in the same
+    statement that locks the person's row: whoever gets it refreshes, holding the row lock too. Everyone else waits for it with a shared advisory
     lock, which all of them get together the moment the refresher commits, and then reads the row
     with no lock at all, so waiters never queue behind one another. SQLite has one database-wide
     write lock instead: waiters take it in turn, each for a read and a commit.
@@ -372,16 +412,17 @@ def _take_refresh_turn(user_id: int) -> tuple[User | None, bool]:
     if db.engine.dialect.name != "postgresql":
         return _lock_user(user_id), False
     db.session.commit()  # the turn must be the first thing of its own transaction
-    _set_lock_timeout()
     try:
-        if db.session.execute(select(func.pg_try_advisory_xact_lock(REFRESH_TURN, user_id))).scalar():
-            return _locked_row(user_id), False
-        db.session.execute(select(func.pg_advisory_xact_lock_shared(REFRESH_TURN, user_id)))
+        user = db.session.execute(_TURN_AND_LOCKED_PERSON, {"user_id": user_id}).scalar_one_or_none()
+        if user is not None:
+            return user, False
+        # The turn is taken (or the person is gone, which the read after the wait tells).
+        db.session.execute(_WAIT_FOR_TURN, {"user_id": user_id})
     except OperationalError as exc:
         db.session.rollback()
         raise RefreshUnavailable("timed out waiting for another refresh of this person") from exc
     db.session.commit()  # the refresher has committed: let go of the shared lock at once, and read its result
-    return db.session.execute(_user_query(user_id)).scalar_one_or_none(), True
+    return _person(user_id), True
 
 
 def _lock_user(user_id: int) -> User | None:
@@ -391,50 +432,37 @@ def _lock_user(user_id: int) -> User | None:
         if db.engine.dialect.name == "sqlite":
             # SQLite has no row locks: take the database write lock up front (waits up to the busy timeout).
             db.session.execute(text("BEGIN IMMEDIATE"))
-            return db.session.execute(_user_query(user_id)).scalar_one_or_none()
-        _set_lock_timeout()
+            return _person(user_id)
         return _locked_row(user_id)
     except OperationalError as exc:
         db.session.rollback()
         raise RefreshUnavailable("timed out waiting for another refresh of this person") from exc
 
 
+def _person(user_id: int) -> User | None:
+    """Read the person with their tokens, replacing whatever this session held of them."""
+    return db.session.execute(_PERSON, {"user_id": user_id}).scalar_one_or_none()
+
+
 def _locked_row(user_id: int) -> User | None:
-    return db.session.execute(_user_query(user_id).with_for_update()).scalar_one_or_none()
-
-
-def _user_query(user_id: int):
-    """Select the person with their tokens, replacing whatever this session held of them."""
-    return select(User).where(User.id == user_id).options(undefer_group("tokens")).execution_options(populate_existing=True)
-
-
-def _set_lock_timeout() -> None:
-    # Wait at most as long as a refresh may take for another request's refresh (or sign-in, or sign-out).
-    db.session.execute(text(f"SET LOCAL lock_timeout = '{_lock_wait_ms()}ms'"))
-
-
-def _lock_wait_ms() -> int:
-    config = current_app.config
-    return int((config["PROVIDER_REFRESH_TIMEOUT"] + 2 * config["PROVIDER_TIMEOUT"]) * 1000)
+    return db.session.execute(_LOCKED_PERSON, {"user_id": user_id}).scalar_one_or_none()
 
 
 def _apply_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | None) -> None:
+    """Write a refresh's tokens to the person's row (and, when the refresh token rotated, their sessions' expiry)."""
     now = utcnow()
     expires_at = now + timedelta(seconds=tokens.expires_in)
     if kind == "viewer":
-        user.viewer_token, user.viewer_expires_at = tokens.access_token, expires_at
-        user.viewer_scope = tokens.scope or scope
+        values = {"viewer_token": tokens.access_token, "viewer_expires_at": expires_at, "viewer_scope": tokens.scope or scope}
     else:
-        user.access_token, user.access_expires_at = tokens.access_token, expires_at
-    user.refresh_unsure = False
+        values = {"access_token": tokens.access_token, "access_expires_at": expires_at}
+    values["refresh_unsure"] = False
     if tokens.refresh_token:  # some OIDC providers do not rotate; APS always does
-        user.refresh_token = tokens.refresh_token
-        user.refresh_issued_at = now
-        user.refresh_expires_at = now + REFRESH_TOKEN_LIFETIME
-        user.refresh_rotations += 1
-        # Live sessions live as long as the refresh token that keeps them signed in; ended ones stay ended.
-        live = (UserSession.user_id == user.id) & (UserSession.expires_at > now)
-        db.session.execute(update(UserSession).where(live).values(expires_at=user.refresh_expires_at))
+        refresh_expires_at = now + REFRESH_TOKEN_LIFETIME
+        values.update(refresh_token=tokens.refresh_token, refresh_issued_at=now, refresh_expires_at=refresh_expires_at)
+        values["refresh_rotations"] = user.refresh_rotations + 1  # we hold the row lock
+        db.session.execute(_SESSIONS_FOLLOW, {"person": user.id, "now": now, "until": refresh_expires_at})
+    db.session.execute(_UPDATE_PERSON, {"person": user.id, **values})
 
 
 def _forget(user: User, kind: str, outcome: str, trigger: str, timing: tuple[float, float]) -> None:
@@ -460,13 +488,13 @@ def _finish(
     _log(user_id, kind, outcome, timing, trigger, reason, provider_ms)
 
 
-def _waiting_for_turn(user_id: int) -> int:
-    """Count the requests waiting for our refresh turn (PostgreSQL), to record with the refresh; SQLite cannot tell."""
-    if db.engine.dialect.name != "postgresql":
-        return 0
-    # A two-key advisory lock shows in pg_locks as classid = first key, objid = second key, objsubid = 2.
-    waiting = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = :turn AND objid = :user_id AND objsubid = 2 AND NOT granted")
-    return db.session.execute(waiting, {"turn": REFRESH_TURN, "user_id": user_id}).scalar_one()
+def _add_event(user_id: int, kind: str, trigger: str, started: float) -> None:
+    """Add a refresh's event to the transaction that stores its tokens; on PostgreSQL it counts the requests waiting for it."""
+    values = {"user_id": user_id, "kind": kind, "outcome": "refreshed", "trigger": _clean(trigger), "duration_ms": _ms(started)}
+    if db.engine.dialect.name == "postgresql":
+        db.session.execute(_RECORD_EVENT_COUNTING_WAITERS, {**values, "turn_of": user_id})
+    else:
+        db.session.execute(_RECORD_EVENT, values)  # SQLite cannot tell who waits
 
 
 def _clean(trigger: str) -> str:
@@ -476,12 +504,7 @@ def _clean(trigger: str) -> str:
 
 def _recent_refusal(user: User, kind: str) -> str | None:
     """Return the error of a refusal of this kind of refresh since the person's sign-in and within the backoff, if it is the latest outcome."""
-    latest = db.session.execute(
-        select(RefreshEvent.outcome, RefreshEvent.at)
-        .where(RefreshEvent.user_id == user.id, RefreshEvent.kind == kind)
-        .order_by(RefreshEvent.id.desc())
-        .limit(1)
-    ).first()
+    latest = db.session.execute(_LATEST_EVENT, {"user_id": user.id, "kind": kind}).first()
     if latest is None or not latest.outcome.startswith("refused:"):
         return None
     since = max(utcnow() - REFUSAL_BACKOFF, user.signed_in_at or utcnow())

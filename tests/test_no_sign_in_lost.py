@@ -10,7 +10,7 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from sqlalchemy import event, text, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from app import create_app
@@ -115,6 +115,35 @@ def test_failed_commit_after_rotation_is_retried_and_the_person_stays_signed_in(
     expire_access_token(app)
     assert client.get("/api/profile").status_code == 200
     assert standin.count("refresh_rejected") == 0
+
+
+# The database refuses every "refreshed" event row: SQLite by a trigger, PostgreSQL by a check constraint.
+REFUSE_REFRESHED_EVENTS = {
+    "sqlite": ["CREATE TRIGGER refuse_refreshed BEFORE INSERT ON refresh_events WHEN NEW.outcome = 'refreshed' BEGIN SELECT RAISE(ABORT, 'refused'); END"],
+    "postgresql": ["ALTER TABLE refresh_events ADD CONSTRAINT refuse_refreshed CHECK (outcome <> 'refreshed') NOT VALID"],
+}
+
+
+def test_a_refused_refresh_event_does_not_take_the_rotated_tokens_down(app, client, standin):
+    """The event rides in the commit that stores the rotation; if the database refuses it, the tokens are stored alone."""
+    sign_in(client)
+    with app.app_context():
+        for statement in REFUSE_REFRESHED_EVENTS[db.engine.dialect.name]:
+            db.session.execute(text(statement))
+        db.session.commit()
+    provider = app.extensions["provider"]
+    rotated = []
+    refresh = provider.refresh
+    provider.refresh = lambda *args, **kwargs: rotated.append(refresh(*args, **kwargs)) or rotated[-1]
+    expire_access_token(app)
+    assert client.get("/api/profile").status_code == 200
+    assert stored_user(app).refresh_token == rotated[0].refresh_token
+    expire_access_token(app)
+    assert client.get("/api/profile").status_code == 200
+    assert standin.count("refresh_rejected") == 0
+    with app.app_context():
+        refreshed = db.session.execute(select(RefreshEvent.id).where(RefreshEvent.kind == "access", RefreshEvent.outcome == "refreshed")).all()
+    assert refreshed == []  # the fault was there: the events were refused, the tokens were not
 
 
 # 3. Sign-out racing a sign-in on another device.

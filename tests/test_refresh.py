@@ -8,6 +8,7 @@ from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import sqlalchemy
 from sqlalchemy import event, update
 
 import tokens
@@ -214,6 +215,46 @@ def test_waiters_write_nothing_and_the_refresher_records_how_many_waited(app, cl
         # The waiters wrote nothing: only the refresher's rotation and event (and last-seen) were written.
         assert all("refresh_events" not in statement or "INSERT" in statement.upper() for statement in writes), writes
         assert recorded.waiters == (4 if engine.dialect.name == "postgresql" else 0)
+
+
+def test_a_refresh_waits_for_a_held_lock_only_as_long_as_a_refresh_may_take(app_factory, database_url):
+    """A lock held too long (a stuck sign-in's) ends the wait with a 503 after PROVIDER_REFRESH_TIMEOUT + 2 x PROVIDER_TIMEOUT."""
+    app = app_factory(PROVIDER_TIMEOUT=1, PROVIDER_REFRESH_TIMEOUT=1)  # waits at most 3 s
+    client = app.test_client()
+    sign_in(client)
+    expire_access_token(app)
+    store = app.extensions["standin"].extensions["standin_store"]
+    before = store.count("refresh")
+    holder = sqlalchemy.create_engine(database_url, poolclass=sqlalchemy.pool.NullPool)
+    locked, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        # Another connection holds what a refresh must take: the person's row lock, or SQLite's write lock,
+        # until the request is answered (at most 10 s, so a wait without a timeout fails instead of hanging).
+        with holder.connect() as conn:
+            if holder.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.execute(sqlalchemy.text("SELECT id FROM users FOR UPDATE"))
+            locked.set()
+            done.wait(timeout=10)
+            conn.rollback()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert locked.wait(timeout=10)
+        started = time.monotonic()
+        reply = client.get("/api/profile")
+        waited = time.monotonic() - started
+    finally:
+        done.set()
+        thread.join()
+        holder.dispose()
+    assert reply.status_code == 503
+    assert 2.5 < waited < 10
+    assert store.count("refresh") == before  # the provider was never asked: nothing was consumed
+    assert client.get("/api/profile").status_code == 200
 
 
 def test_refresh_logs_one_structured_line_without_tokens(app, client, caplog):
