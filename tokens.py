@@ -270,14 +270,15 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
     started = time.monotonic()
     user, waited = _take_refresh_turn(user_id)
     if waited and user is not None and not _is_fresh(user, kind, rejected):
-        user = _lock_user(user_id)  # that refresh failed: queue at the row lock, then look again (rare)
+        user, waited = _lock_user(user_id), False  # that refresh failed: queue at the row lock, then look again (rare)
     timing = (started, time.monotonic())
     if user is None:
         db.session.rollback()
         raise SignInRequired("person no longer exists")
     if _is_fresh(user, kind, rejected):
-        # Another request refreshed while we waited: use its result. Writing nothing, so no one queues behind us.
-        db.session.commit()
+        # Another request refreshed before us: use its result, writing nothing, so no one queues behind us.
+        if not waited:
+            db.session.commit()  # let go of our locks; a waiter holds none, and keeps the person it read loaded
         _log(user_id, kind, "used_fresh", timing, trigger)
         return user
     if not user.refresh_token:
