@@ -27,10 +27,10 @@ so the database holds the locks:
 5. Durable commit: store the rotated tokens at once, with their refresh event (its one
    client-chosen value, the trigger, cleaned), in one transaction, then release the locks.
    If that commit fails (database restart, deadlock, a refused event row), retry it on a
-   fresh connection for ROTATION_STORE_RETRY seconds, storing the tokens alone: an event
-   row must never take the tokens down with it. A rotation that still cannot be stored is
-   logged at ERROR as lost_rotation. Every other outcome's event is recorded afterwards, in
-   a transaction of its own.
+   fresh connection for ROTATION_STORE_RETRY seconds, storing the tokens alone (an event
+   row must never take the tokens down with it) and the event afterwards, on its own. A
+   rotation that still cannot be stored is logged at ERROR as lost_rotation. Every other
+   outcome's event is recorded afterwards too, in a transaction of its own.
 
 What each answer of the provider means:
 
@@ -324,8 +324,11 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         _forget(user, kind, downscope.NARROWED, trigger, timing)
         downscope.note_narrowed_grant(user_id, reply)
         raise SignInRequired("the provider narrowed the whole grant", notice=downscope.NOTICE)
-    user = _store_rotation(user_id, user, kind, used, reply, scope, trigger, started)
-    _log(user_id, kind, "refreshed", timing, trigger, provider_ms=provider_ms)
+    user, recorded = _store_rotation(user_id, user, kind, used, reply, scope, trigger, started)
+    if recorded:
+        _log(user_id, kind, "refreshed", timing, trigger, provider_ms=provider_ms)
+    else:
+        _finish(user_id, kind, "refreshed", trigger, timing, provider_ms=provider_ms)
     return user
 
 
@@ -362,10 +365,12 @@ def _settle_unsure(user: User, kind: str, trigger: str, timing: tuple[float, flo
     user.refresh_unsure = False
 
 
-def _store_rotation(user_id: int, user: User, kind: str, used: str, reply: TokenResponse, scope: str | None, trigger: str, started: float) -> User:
+def _store_rotation(user_id: int, user: User, kind: str, used: str, reply: TokenResponse, scope: str | None, trigger: str, started: float) -> tuple[User, bool]:
     """Commit the rotated tokens with their refresh event in a transaction of their own; retry on a fresh connection when the commit fails.
 
-    A retry stores the tokens alone: whatever refused the first commit may have been the event row.
+    Return the person and whether the event was stored with the tokens. A retry stores the tokens
+    alone (whatever refused the first commit may have been the event row); the caller records the
+    event afterwards.
     """
     deadline = time.monotonic() + current_app.config["ROTATION_STORE_RETRY"]
     pause, attempt = 0.05, 0
@@ -378,12 +383,12 @@ def _store_rotation(user_id: int, user: User, kind: str, used: str, reply: Token
                     db.session.commit()
                     if user is None or not user.refresh_token:
                         raise SignInRequired("the grant ended while its rotation was being stored")
-                    return user
+                    return user, False
             _apply_refresh(user, kind, reply, scope)
             if not attempt:
                 _add_event(user_id, kind, trigger, started)
             db.session.commit()
-            return user
+            return user, not attempt
         except (SQLAlchemyError, RefreshUnavailable) as exc:
             db.session.rollback()
             reason = type(exc.__cause__ or exc).__name__  # never the statement's parameters: they hold tokens
@@ -405,10 +410,11 @@ def _take_refresh_turn(user_id: int) -> tuple[User | None, bool]:
 
     Return the person (row-locked when it is our turn) and whether we waited for another refresher.
     On PostgreSQL the turn is a transaction-scoped advisory lock, taken without waiting in the same
-    statement that locks the person's row: whoever gets it refreshes, holding the row lock too. Everyone else waits for it with a shared advisory
-    lock, which all of them get together the moment the refresher commits, and then reads the row
-    with no lock at all, so waiters never queue behind one another. SQLite has one database-wide
-    write lock instead: waiters take it in turn, each for a read and a commit.
+    statement that locks the person's row: whoever gets it refreshes, holding the row lock too.
+    Everyone else waits for it with a shared advisory lock, which all of them get together the
+    moment the refresher commits, and then reads the row with no lock at all, so waiters never
+    queue behind one another. SQLite has one database-wide write lock instead: waiters take it in
+    turn, each for a read and a commit.
     """
     if db.engine.dialect.name != "postgresql":
         return _lock_user(user_id), False
@@ -475,12 +481,10 @@ def _forget(user: User, kind: str, outcome: str, trigger: str, timing: tuple[flo
     _finish(user_id, kind, outcome, trigger, timing)
 
 
-def _finish(
-    user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[float, float], reason: str = "", provider_ms: int | None = None, waiters: int = 0
-) -> None:
+def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[float, float], reason: str = "", provider_ms: int | None = None) -> None:
     """Record the refresh event in a transaction of its own and log it; losing the record loses nothing else."""
     try:
-        event = RefreshEvent(user_id=user_id, kind=kind, outcome=outcome, trigger=_clean(trigger), duration_ms=_ms(timing[0]), waiters=waiters)
+        event = RefreshEvent(user_id=user_id, kind=kind, outcome=outcome, trigger=_clean(trigger), duration_ms=_ms(timing[0]))
         db.session.add(event)
         db.session.commit()
     except SQLAlchemyError as exc:

@@ -112,6 +112,9 @@ def test_failed_commit_after_rotation_is_retried_and_the_person_stays_signed_in(
     assert failed, "the fault was never injected"
     assert reply.status_code == 200
     assert stored_user(app).refresh_token == rotated[0].refresh_token
+    with app.app_context():
+        refreshed = db.session.execute(select(RefreshEvent.id).where(RefreshEvent.kind == "access", RefreshEvent.outcome == "refreshed")).all()
+    assert len(refreshed) == 1  # stored with the tokens' retry, on its own
     expire_access_token(app)
     assert client.get("/api/profile").status_code == 200
     assert standin.count("refresh_rejected") == 0
@@ -124,7 +127,7 @@ REFUSE_REFRESHED_EVENTS = {
 }
 
 
-def test_a_refused_refresh_event_does_not_take_the_rotated_tokens_down(app, client, standin):
+def test_a_refused_refresh_event_does_not_take_the_rotated_tokens_down(app, client, standin, caplog):
     """The event rides in the commit that stores the rotation; if the database refuses it, the tokens are stored alone."""
     sign_in(client)
     with app.app_context():
@@ -144,6 +147,7 @@ def test_a_refused_refresh_event_does_not_take_the_rotated_tokens_down(app, clie
     with app.app_context():
         refreshed = db.session.execute(select(RefreshEvent.id).where(RefreshEvent.kind == "access", RefreshEvent.outcome == "refreshed")).all()
     assert refreshed == []  # the fault was there: the events were refused, the tokens were not
+    assert "refresh_event_not_recorded" in caplog.text  # and it says so
 
 
 # 3. Sign-out racing a sign-in on another device.
