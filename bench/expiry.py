@@ -1,8 +1,9 @@
 """Refreshes per expiry: one person, 50 requests at once at the moment their access token goes stale.
 
 Two gunicorn instances (3 workers x 4 threads each) share one PostgreSQL database and one strict
-stand-in provider, served by a third instance. Access tokens live 65 s and count as stale 60 s early, so a new expiry comes
-every 5 seconds; each burst is sent the instant the token enters the leeway.
+stand-in provider, served by a third instance. Access tokens live 65 s and count as stale 60 s
+early, so a new expiry comes every 5 seconds; each burst is sent the instant the token enters the
+leeway.
 """
 
 import time
