@@ -484,8 +484,7 @@ def _forget(user: User, kind: str, outcome: str, trigger: str, timing: tuple[flo
 def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[float, float], reason: str = "", provider_ms: int | None = None) -> None:
     """Record the refresh event in a transaction of its own and log it; losing the record loses nothing else."""
     try:
-        event = RefreshEvent(user_id=user_id, kind=kind, outcome=outcome, trigger=_clean(trigger), duration_ms=_ms(timing[0]))
-        db.session.add(event)
+        db.session.execute(_RECORD_EVENT, _event(user_id, kind, outcome, trigger, timing[0]))
         db.session.commit()
     except SQLAlchemyError as exc:
         db.session.rollback()
@@ -495,11 +494,16 @@ def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[f
 
 def _add_event(user_id: int, kind: str, trigger: str, started: float) -> None:
     """Add a refresh's event to the transaction that stores its tokens; on PostgreSQL it counts the requests waiting for it."""
-    values = {"user_id": user_id, "kind": kind, "outcome": "refreshed", "trigger": _clean(trigger), "duration_ms": _ms(started)}
+    values = _event(user_id, kind, "refreshed", trigger, started)
     if db.engine.dialect.name == "postgresql":
         db.session.execute(_RECORD_EVENT_COUNTING_WAITERS, {**values, "turn_of": user_id})
     else:
         db.session.execute(_RECORD_EVENT, values)  # SQLite cannot tell who waits
+
+
+def _event(user_id: int, kind: str, outcome: str, trigger: str, started: float) -> dict:
+    """Return a refresh event's row: its client-chosen trigger cleaned, its duration so far."""
+    return {"user_id": user_id, "kind": kind, "outcome": outcome, "trigger": _clean(trigger), "duration_ms": _ms(started)}
 
 
 def _clean(trigger: str) -> str:

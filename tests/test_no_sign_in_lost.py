@@ -75,6 +75,20 @@ def test_cookie_is_not_rewritten_on_every_request(app, client):
 # 2. A rotation that is not stored is a sign-in lost.
 
 
+def _keep_rotations(app) -> list:
+    """Keep every reply of the provider's refresh, to compare with what was stored."""
+    provider = app.extensions["provider"]
+    rotated, refresh = [], provider.refresh
+    provider.refresh = lambda *args, **kwargs: rotated.append(refresh(*args, **kwargs)) or rotated[-1]
+    return rotated
+
+
+def _access_refreshes(app) -> list:
+    """Return the ids of the recorded successful access refreshes."""
+    with app.app_context():
+        return db.session.execute(select(RefreshEvent.id).where(RefreshEvent.kind == "access", RefreshEvent.outcome == "refreshed")).scalars().all()
+
+
 def test_nul_in_the_path_when_the_token_is_due_loses_nothing(app, client, standin):
     """A cross-site link to /%00 carries the cookie; the refresh it triggers must still be stored."""
     sign_in(client)
@@ -91,10 +105,7 @@ def test_failed_commit_after_rotation_is_retried_and_the_person_stays_signed_in(
     """The first commit after the provider rotated fails (a restart, a deadlock): retried on a fresh connection."""
     sign_in(client)
     expire_access_token(app)
-    provider = app.extensions["provider"]
-    rotated = []
-    refresh = provider.refresh
-    provider.refresh = lambda *args, **kwargs: rotated.append(refresh(*args, **kwargs)) or rotated[-1]
+    rotated = _keep_rotations(app)
     failed = []
 
     def fail_first_commit_after_rotation(conn):
@@ -112,9 +123,7 @@ def test_failed_commit_after_rotation_is_retried_and_the_person_stays_signed_in(
     assert failed, "the fault was never injected"
     assert reply.status_code == 200
     assert stored_user(app).refresh_token == rotated[0].refresh_token
-    with app.app_context():
-        refreshed = db.session.execute(select(RefreshEvent.id).where(RefreshEvent.kind == "access", RefreshEvent.outcome == "refreshed")).all()
-    assert len(refreshed) == 1  # stored with the tokens' retry, on its own
+    assert len(_access_refreshes(app)) == 1  # stored with the tokens' retry, on its own
     expire_access_token(app)
     assert client.get("/api/profile").status_code == 200
     assert standin.count("refresh_rejected") == 0
@@ -133,19 +142,14 @@ def test_a_refused_refresh_event_does_not_take_the_rotated_tokens_down(app, clie
     with app.app_context():
         db.session.execute(text(REFUSE_REFRESHED_EVENTS[db.engine.dialect.name]))
         db.session.commit()
-    provider = app.extensions["provider"]
-    rotated = []
-    refresh = provider.refresh
-    provider.refresh = lambda *args, **kwargs: rotated.append(refresh(*args, **kwargs)) or rotated[-1]
+    rotated = _keep_rotations(app)
     expire_access_token(app)
     assert client.get("/api/profile").status_code == 200
     assert stored_user(app).refresh_token == rotated[0].refresh_token
     expire_access_token(app)
     assert client.get("/api/profile").status_code == 200
     assert standin.count("refresh_rejected") == 0
-    with app.app_context():
-        refreshed = db.session.execute(select(RefreshEvent.id).where(RefreshEvent.kind == "access", RefreshEvent.outcome == "refreshed")).all()
-    assert refreshed == []  # the fault was there: the events were refused, the tokens were not
+    assert _access_refreshes(app) == []  # the fault was there: the events were refused, the tokens were not
     assert "refresh_event_not_recorded" in caplog.text  # and it says so
 
 
