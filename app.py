@@ -248,7 +248,8 @@ def _init_database(app: Flask) -> None:
         # BEGIN before it, no ROLLBACK after it, and a retry instead of a ping (sessions._read).
         # SQLite's driver begins no transaction for a SELECT, so there the hook reads through the one engine.
         binds = app.config.setdefault("SQLALCHEMY_BINDS", {})
-        binds.setdefault("reads", {"url": uri, **options, "isolation_level": "AUTOCOMMIT"})
+        # Each thread keeps its own connection to it (sessions._reader): as many as the server has threads.
+        binds.setdefault("reads", {"url": uri, **options, "isolation_level": "AUTOCOMMIT", "max_overflow": -1})
         options.setdefault("connect_args", {"options": f"-c lock_timeout={int(wait * 1000)}"})
         # The rest (refreshes, sign-ins, pages that load the whole person) checks a pooled connection
         # before use, so the first of them after a database restart does not fail: those requests are

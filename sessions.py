@@ -2,12 +2,14 @@
 
 import hashlib
 import secrets
+import threading
+import weakref
 from datetime import datetime, timedelta
 
 from flask import Response, current_app, g, request
 from flask.sessions import SessionInterface
 from itsdangerous import BadSignature, Signer
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from models import RefreshEvent, User, UserSession, db, utcnow
@@ -111,8 +113,43 @@ def load() -> tuple[Current, Person] | None:
 def _read(id_hash: str):
     # Not through db.session: one statement needs no Session, no ORM and (on PostgreSQL, whose
     # "reads" engine runs in autocommit) no BEGIN before it and no ROLLBACK after it.
-    with (db.engines.get("reads") or db.engine).connect() as connection:
-        return connection.execute(_BY_ID_HASH, {"id_hash": id_hash}).first()
+    reads = db.engines.get("reads")
+    if reads is None:  # SQLite: its driver begins no transaction for a SELECT, and its pool costs little
+        with db.engine.connect() as connection:
+            return connection.execute(_BY_ID_HASH, {"id_hash": id_hash}).first()
+    return _reader(reads).execute(_BY_ID_HASH, {"id_hash": id_hash}).first()
+
+
+class _Reader:
+    """A thread's own connection for the hook's read, closed (back to the pool) when the thread ends.
+
+    Its autobegun transaction refers back to it, so without the finalizer the connection would go
+    back only when the garbage collector next looks for cycles.
+    """
+
+    __slots__ = ("connection", "__weakref__")
+
+    def __init__(self, reads: Engine):
+        self.connection = reads.connect()
+        weakref.finalize(self, self.connection.close)
+
+
+_thread = threading.local()
+
+
+def _reader(reads: Engine) -> Connection:
+    """Return this thread's own connection to the "reads" engine, kept from one request to the next.
+
+    In autocommit there is nothing to end between requests, and taking a connection out of the
+    pool and back for each one cost a sixth of the read. gunicorn's threads live as long as their
+    worker, so the engine holds one connection per thread (app.py).
+    """
+    held = getattr(_thread, "reader", None)
+    if held is None or held.connection.engine is not reads or held.connection.invalidated:
+        if held is not None:
+            held.connection.invalidate()  # another app's (tests), or one a restart killed: never pooled again
+        _thread.reader = held = _Reader(reads)
+    return held.connection
 
 
 def _by_id_hash():

@@ -45,12 +45,12 @@ def run(kind: str, folder, quick: bool, workers: int = 2, threads: int = 4, tree
     connections = workers * threads
     servers = {}
     with database(kind, folder, "bench_hook") as url:
-        port = free_port()
-        env = bench_env(folder / kind, url, port)
         try:
             for n, (name, tree) in enumerate(trees.items()):
-                server_port = port if n == 0 else free_port()
-                servers[name] = start_server(env, server_port, folder / f"hook-{kind}-{n}.log", workers=workers, threads=threads, tree=tree)
+                # Each server is its own issuer (the stand-in inside it), which knows that server's callback.
+                port = free_port()
+                env = bench_env(folder / kind / str(n), url, port)
+                servers[name] = start_server(env, port, folder / f"hook-{kind}-{n}.log", workers=workers, threads=threads, tree=tree)
             cookies = {}
             for n, (name, server) in enumerate(servers.items()):
                 cookies[name] = cookie_header(http_sign_in(server.url, name=f"Hook Person {n}"))

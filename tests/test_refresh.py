@@ -347,3 +347,38 @@ def test_signed_in_request_reads_one_row_and_decrypts_no_token(app, client):
         for engine in engines:
             event.remove(engine, "before_cursor_execute", count)
         cipher.decrypt = decrypt
+
+
+def test_the_hook_reads_through_its_threads_own_connection_and_gives_it_back_when_the_thread_ends(app, client):
+    """On PostgreSQL no request takes a connection out of the pool for the hook's read; an ended thread's goes back."""
+    with app.app_context():
+        reads = db.engines.get("reads")
+    if reads is None:
+        pytest.skip("SQLite: the hook reads through the pool, where a checkout costs little")
+    sign_in(client)
+    checkouts = []
+
+    def count(*args):
+        checkouts.append(1)
+
+    event.listen(reads, "checkout", count)
+    try:
+        for _ in range(5):
+            assert client.get("/api/session").status_code == 200
+        assert len(checkouts) <= 1  # the first request of this thread (on this app) may take it
+        cookie = _session_cookie(client)
+        seen = []
+
+        def browse():
+            other = app.test_client()
+            other.set_cookie(*cookie)
+            seen.append(other.get("/api/session").status_code)
+
+        thread = threading.Thread(target=browse)
+        thread.start()
+        thread.join()
+        assert seen == [200]
+        assert reads.pool.checkedout() == 1  # this thread's: the ended thread's went back as it ended
+        assert client.get("/api/session").status_code == 200
+    finally:
+        event.remove(reads, "checkout", count)
