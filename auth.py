@@ -50,8 +50,7 @@ def login() -> Response:
     url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt=prompt)
     response = redirect(url)
     if silent:
-        secure = current_app.config["SESSION_COOKIE_SECURE"]
-        response.set_cookie(_silent_cookie(), "1", max_age=SILENT_RETRY_AFTER, secure=secure, httponly=True, samesite="Lax", path="/")
+        response.set_cookie(_silent_cookie(), "1", max_age=SILENT_RETRY_AFTER, **sessions.cookie_attributes())
     flows = _read_flows()
     flows["open"].append(flow)
     _write_flows(response, flows)
@@ -108,7 +107,7 @@ def callback() -> Response:
         # Try again where this sign-in was going, as silently as it was meant to be.
         again = url_for("auth.login", next=flow["next"], silent=1 if flow.get("silent") else None)
         response = make_response(_failed(503, "The provider is not answering right now.", "Please try again in a moment.", retry=again))
-        response.delete_cookie(_silent_cookie(), secure=current_app.config["SESSION_COOKIE_SECURE"], httponly=True, samesite="Lax", path="/")
+        response.delete_cookie(_silent_cookie(), **sessions.cookie_attributes())
         return response
     except (InvalidGrant, ProviderRejected):
         return _failed(400, "The provider refused this sign-in.", "The link may have been used already. Please start again.", retry=again)
@@ -264,16 +263,15 @@ def _read_flows() -> dict:
 
 def _write_flows(response: Response, flows: dict) -> None:
     """Keep the newest sign-ins in this browser's pre-sign-in cookie, or drop the cookie when none is left."""
-    secure = current_app.config["SESSION_COOKIE_SECURE"]
     kept = {"open": flows["open"][-MAX_FLOWS:], "done": flows["done"][-MAX_FLOWS:]}
     value = _flow_serializer().dumps(kept)
     while len(value) > MAX_FLOW_COOKIE and (kept["done"] or len(kept["open"]) > 1):
         kept["done" if kept["done"] else "open"].pop(0)  # long next paths: the oldest give way
         value = _flow_serializer().dumps(kept)
     if not kept["open"] and not kept["done"]:
-        response.delete_cookie(_flow_cookie(), secure=secure, httponly=True, samesite="Lax", path="/")
+        response.delete_cookie(_flow_cookie(), **sessions.cookie_attributes())
         return
-    response.set_cookie(_flow_cookie(), value, max_age=FLOW_MAX_AGE, secure=secure, httponly=True, samesite="Lax", path="/")
+    response.set_cookie(_flow_cookie(), value, max_age=FLOW_MAX_AGE, **sessions.cookie_attributes())
 
 
 def _same(sent: str, expected: str) -> bool:

@@ -239,19 +239,16 @@ def remaining(user_id: int) -> int:
     return len(db.session.execute(query).all())
 
 
+def cookie_attributes() -> dict:
+    """Return what every cookie of this app is set and deleted with: HTTPS only (when configured), no script access, sent on top-level navigations."""
+    return {"secure": current_app.config["SESSION_COOKIE_SECURE"], "httponly": True, "samesite": "Lax", "path": "/"}
+
+
 def set_cookie(response: Response, value: str, expires_at: datetime) -> None:
     g.session_cookie_written = True
-    response.set_cookie(
-        cookie_name(),
-        value,
-        expires=expires_at + RESUME_GRACE,
-        secure=current_app.config["SESSION_COOKIE_SECURE"],
-        httponly=True,
-        samesite="Lax",
-        path="/",
-    )
+    response.set_cookie(cookie_name(), value, expires=expires_at + RESUME_GRACE, **cookie_attributes())
 
 
 def clear_cookie(response: Response) -> None:
     g.session_cookie_written = True
-    response.delete_cookie(cookie_name(), secure=current_app.config["SESSION_COOKIE_SECURE"], httponly=True, samesite="Lax", path="/")
+    response.delete_cookie(cookie_name(), **cookie_attributes())
