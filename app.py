@@ -243,13 +243,12 @@ def _init_database(app: Flask) -> None:
         options.setdefault("connect_args", {"timeout": wait})
         os.makedirs(app.instance_path, exist_ok=True)
         private_sqlite_file(make_url(uri).database)
-    else:
-        # The sign-in hook's one read per request runs on an engine of its own in autocommit: no
-        # BEGIN before it, no ROLLBACK after it, and a retry instead of a ping (sessions._read).
-        # SQLite's driver begins no transaction for a SELECT, so there the hook reads through the one engine.
-        binds = app.config.setdefault("SQLALCHEMY_BINDS", {})
-        # Each thread keeps its own connection to it (sessions._reader): as many as the server has threads.
-        binds.setdefault("reads", {"url": uri, **options, "isolation_level": "AUTOCOMMIT", "max_overflow": -1})
+    # The sign-in hook's one read per request runs on an engine of its own in autocommit: no BEGIN
+    # before it, no ROLLBACK after it, and a retry instead of a ping (sessions._read). Each thread
+    # keeps its own connection to it (sessions._reader): as many as the server has threads.
+    binds = app.config.setdefault("SQLALCHEMY_BINDS", {})
+    binds.setdefault("reads", {"url": uri, **options, "isolation_level": "AUTOCOMMIT", "max_overflow": -1})
+    if not uri.startswith("sqlite"):
         options.setdefault("connect_args", {"options": f"-c lock_timeout={int(wait * 1000)}"})
         # The rest (refreshes, sign-ins, pages that load the whole person) checks a pooled connection
         # before use, so the first of them after a database restart does not fail: those requests are

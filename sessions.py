@@ -111,13 +111,9 @@ def load() -> tuple[Current, Person] | None:
 
 
 def _read(id_hash: str):
-    # Not through db.session: one statement needs no Session, no ORM and (on PostgreSQL, whose
-    # "reads" engine runs in autocommit) no BEGIN before it and no ROLLBACK after it.
-    reads = db.engines.get("reads")
-    if reads is None:  # SQLite: its driver begins no transaction for a SELECT, and its pool costs little
-        with db.engine.connect() as connection:
-            return connection.execute(_BY_ID_HASH, {"id_hash": id_hash}).first()
-    return _reader(reads).execute(_BY_ID_HASH, {"id_hash": id_hash}).first()
+    # Not through db.session: one statement needs no Session, no ORM and, on the "reads" engine
+    # (autocommit, app.py), no BEGIN before it and no ROLLBACK after it.
+    return _reader(db.engines["reads"]).execute(_BY_ID_HASH, {"id_hash": id_hash}).first()
 
 
 class _Reader:
@@ -141,8 +137,8 @@ def _reader(reads: Engine) -> Connection:
     """Return this thread's own connection to the "reads" engine, kept from one request to the next.
 
     In autocommit there is nothing to end between requests, and taking a connection out of the
-    pool and back for each one cost a sixth of the read. gunicorn's threads live as long as their
-    worker, so the engine holds one connection per thread (app.py).
+    pool and back for each one cost a sixth of the read on PostgreSQL and half of it on SQLite.
+    gunicorn's threads live as long as their worker, so the engine holds one per thread (app.py).
     """
     held = getattr(_thread, "reader", None)
     if held is None or held.connection.engine is not reads or held.connection.invalidated:

@@ -87,7 +87,7 @@ def count_statements(app, client, path: str, count: int) -> dict[str, float]:
         seen[word] = seen.get(word, 0) + 1
 
     with app.app_context():
-        engines = list(db.engines.values())  # the hook's "reads" engine too, on PostgreSQL
+        engines = list(db.engines.values())  # the hook's "reads" engine too
     for engine in engines:
         event.listen(engine, "before_cursor_execute", note)
     try:

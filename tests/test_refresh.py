@@ -325,7 +325,7 @@ def test_signed_in_request_reads_one_row_and_decrypts_no_token(app, client):
     decrypt = cipher.decrypt
     cipher.decrypt = lambda token, *args: decrypted.append(1) or decrypt(token, *args)
     with app.app_context():
-        engines = list(db.engines.values())  # the hook's "reads" engine too, on PostgreSQL
+        engines = list(db.engines.values())  # the hook's "reads" engine too
 
     def count(conn, cursor, statement, *args):
         statements.append(statement)
@@ -350,11 +350,9 @@ def test_signed_in_request_reads_one_row_and_decrypts_no_token(app, client):
 
 
 def test_the_hook_reads_through_its_threads_own_connection_and_gives_it_back_when_the_thread_ends(app, client):
-    """On PostgreSQL no request takes a connection out of the pool for the hook's read; an ended thread's goes back."""
+    """No request takes a connection out of the pool for the hook's read; an ended thread's goes back."""
     with app.app_context():
-        reads = db.engines.get("reads")
-    if reads is None:
-        pytest.skip("SQLite: the hook reads through the pool, where a checkout costs little")
+        reads = db.engines["reads"]
     sign_in(client)
     checkouts = []
 
