@@ -244,7 +244,7 @@ def _init_database(app: Flask) -> None:
         os.makedirs(app.instance_path, exist_ok=True)
         private_sqlite_file(make_url(uri).database)
     # The sign-in hook's one read per request runs on an engine of its own in autocommit: no BEGIN
-    # before it, no ROLLBACK after it, and a retry instead of a ping (sessions._read). Each thread
+    # before it, no ROLLBACK after it, and a retry instead of a ping (sessions.load). Each thread
     # keeps its own connection to it (sessions._reader): as many as the server has threads.
     binds = app.config.setdefault("SQLALCHEMY_BINDS", {})
     binds.setdefault("reads", {"url": uri, **options, "isolation_level": "AUTOCOMMIT", "max_overflow": -1})
