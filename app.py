@@ -3,15 +3,17 @@
 import contextlib
 import logging
 import os
+import select
 import sqlite3
 from urllib.parse import urlsplit
 
+import psycopg
 import requests
 from cryptography.fernet import Fernet, MultiFernet
 from flask import Flask, Response, current_app, g, jsonify, redirect, render_template, request, url_for
 from flask_migrate import Migrate
-from sqlalchemy import event, make_url
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy import Dialect, event, make_url
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -250,15 +252,34 @@ def _init_database(app: Flask) -> None:
     binds.setdefault("reads", {"url": uri, **options, "isolation_level": "AUTOCOMMIT", "max_overflow": -1})
     if not uri.startswith("sqlite"):
         options.setdefault("connect_args", {"options": f"-c lock_timeout={int(wait * 1000)}"})
-        # The rest (refreshes, sign-ins, pages that load the whole person) checks a pooled connection
-        # before use, so the first of them after a database restart does not fail: those requests are
-        # few, and each already costs far more than this one round trip.
-        options.setdefault("pool_pre_ping", True)
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
-    if uri.startswith("sqlite"):
-        with app.app_context():
+    with app.app_context():
+        if uri.startswith("sqlite"):
             event.listen(db.engine, "connect", _sqlite_pragmas)
+        else:
+            # The rest (refreshes, sign-ins, pages that load the whole person) makes sure a pooled
+            # connection still has its server before using it, so the first of them after a database
+            # restart does not fail.
+            dialect = db.engine.dialect
+            event.listen(db.engine, "checkout", lambda dbapi_connection, *_: _replace_if_hung_up(dbapi_connection, dialect))
+
+
+def _replace_if_hung_up(dbapi_connection: psycopg.Connection, dialect: Dialect) -> None:
+    """Ping a pooled PostgreSQL connection only if its server sent something while it sat idle; replace it if the ping fails.
+
+    An idle connection has nothing to read unless its server hung up (a restart, an idle timeout)
+    or, rarely, sent a notice: looking at its socket costs no round trip, where pinging before every
+    use (pool_pre_ping) costs one on every refresh, sign-in and page that loads the whole person.
+    """
+    idle = select.poll()
+    idle.register(dbapi_connection.fileno(), select.POLLIN)
+    if not idle.poll(0):
+        return
+    try:
+        dialect.do_ping(dbapi_connection)
+    except psycopg.Error as exc:
+        raise DisconnectionError("the database closed this pooled connection") from exc  # the pool connects afresh
 
 
 def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record) -> None:

@@ -26,6 +26,8 @@ so the database holds the locks:
 4. Refresh at the provider (one round trip; the reply may take PROVIDER_REFRESH_TIMEOUT).
 5. Durable commit: store the rotated tokens at once, with their refresh event (its one
    client-chosen value, the trigger, cleaned), in one transaction, then release the locks.
+   On PostgreSQL that transaction is one statement: the event's insert, with the updates of
+   the person and of their sessions' expiry as its CTEs.
    If that commit fails (database restart, deadlock, a refused event row), retry it on a
    fresh connection for ROTATION_STORE_RETRY seconds, storing the tokens alone (an event
    row must never take the tokens down with it) and the event afterwards, on its own. A
@@ -45,7 +47,8 @@ What each answer of the provider means:
   nothing happened (unavailable); no answer leaves it unsure for the next attempt.
 - Unreachable or 5xx: nothing was consumed; keep everything -> RefreshUnavailable (503).
 - Any other refusal (invalid_scope...): an answer, not an outage. Keep everything, do not ask
-  the same again for REFUSAL_BACKOFF -> RefreshRefused (403).
+  the same again for REFUSAL_BACKOFF (the statement that locks the person for a refresh reads
+  their latest refusal with the row) -> RefreshRefused (403).
 - A full refresh that comes back with nothing beyond the viewer scope: the provider narrowed
   the whole grant when asked for a viewer token (downscope.py). End that grant and stop
   downscoping -> SignInRequired with a notice saying so.
@@ -65,6 +68,7 @@ a refresh still in flight cannot overwrite it; end_sessions deletes sessions and
 sign-in on another device commits either before (and counts as remaining) or after.
 """
 
+import functools
 import json
 import logging
 import time
@@ -73,7 +77,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import Integer, bindparam, column, delete, func, insert, select, table, text, update
+from sqlalchemy import Insert, Integer, and_, bindparam, case, column, delete, func, insert, select, table, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import undefer_group
 
@@ -98,16 +102,21 @@ REFUSAL_BACKOFF = timedelta(minutes=5)
 _users, _sessions, _events = User.__table__, UserSession.__table__, RefreshEvent.__table__
 _PERSON = select(User).where(User.id == bindparam("user_id")).options(undefer_group("tokens")).execution_options(populate_existing=True)
 _LOCKED_PERSON = _PERSON.with_for_update()
-_turn_of_user_id = (REFRESH_TURN, bindparam("user_id", type_=Integer))
-# PostgreSQL: the person's row, locked, if their refresh turn was free and is now ours; no row otherwise.
-_TURN_AND_LOCKED_PERSON = _LOCKED_PERSON.where(func.pg_try_advisory_xact_lock(*_turn_of_user_id))
-_WAIT_FOR_TURN = select(func.pg_advisory_xact_lock_shared(*_turn_of_user_id))
-_LATEST_EVENT = (
-    select(_events.c.outcome, _events.c.at)
-    .where(_events.c.user_id == bindparam("user_id"), _events.c.kind == bindparam("kind"))
+# The error of the person's latest refresh of this kind when that was a refusal within the backoff and
+# since their sign-in; read in the statement that locks the person for a refresh, as its second column.
+_refusal_in_backoff = and_(_events.c.outcome.startswith("refused:"), _events.c.at >= bindparam("refusals_since"), _events.c.at >= _users.c.signed_in_at)
+_REFUSED = (
+    select(case((_refusal_in_backoff, _events.c.outcome)))
+    .where(_events.c.user_id == _users.c.id, _events.c.kind == bindparam("kind"))
     .order_by(_events.c.id.desc())
     .limit(1)
+    .scalar_subquery()
 )
+_LOCKED_FOR_REFRESH = _PERSON.add_columns(_REFUSED).with_for_update(of=_users)
+_turn_of_user_id = (REFRESH_TURN, bindparam("user_id", type_=Integer))
+# PostgreSQL: the person's row, locked, if their refresh turn was free and is now ours; no row otherwise.
+_TURN_AND_LOCKED_PERSON = _LOCKED_FOR_REFRESH.where(func.pg_try_advisory_xact_lock(*_turn_of_user_id))
+_WAIT_FOR_TURN = select(func.pg_advisory_xact_lock_shared(*_turn_of_user_id))
 _UPDATE_PERSON = update(_users).where(_users.c.id == bindparam("person"))
 # Live sessions live as long as the refresh token that keeps them signed in; ended ones stay ended.
 _SESSIONS_FOLLOW = (
@@ -268,9 +277,10 @@ def viewer_token(user: User, trigger: str) -> ViewerToken:
 def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None) -> User:
     """Refresh the person's access (or viewer) token, holding their refresh turn and row lock."""
     started = time.monotonic()
-    user, waited = _take_refresh_turn(user_id)
+    user, refused, waited = _take_refresh_turn(user_id, kind)
     if waited and user is not None and not _is_fresh(user, kind, rejected):
-        user, waited = _lock_user(user_id), False  # that refresh failed: queue at the row lock, then look again (rare)
+        # That refresh failed: queue at the row lock, then look again (rare).
+        (user, refused), waited = _lock_for_refresh(user_id, kind), False
     timing = (started, time.monotonic())
     if user is None:
         db.session.rollback()
@@ -284,10 +294,9 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
     if not user.refresh_token:
         db.session.rollback()
         raise SignInRequired("no refresh token stored")
-    refused = _recent_refusal(user, kind)
     if refused:
         db.session.rollback()
-        raise RefreshRefused(refused)
+        raise RefreshRefused(refused.removeprefix("refused:"))
     if user.refresh_unsure:
         _settle_unsure(user, kind, trigger, timing)
 
@@ -384,9 +393,7 @@ def _store_rotation(user_id: int, user: User, kind: str, used: str, reply: Token
                     if user is None or not user.refresh_token:
                         raise SignInRequired("the grant ended while its rotation was being stored")
                     return user, False
-            _apply_refresh(user, kind, reply, scope)
-            if not attempt:
-                _add_event(user_id, kind, trigger, started)
+            _apply_refresh(user, kind, reply, scope, event=None if attempt else _event(user_id, kind, "refreshed", trigger, started))
             db.session.commit()
             return user, not attempt
         except (SQLAlchemyError, RefreshUnavailable) as exc:
@@ -405,10 +412,11 @@ def _is_fresh(user: User, kind: str, rejected: str | None) -> bool:
     return not is_stale(expires_at) and (rejected is None or user.access_token != rejected)
 
 
-def _take_refresh_turn(user_id: int) -> tuple[User | None, bool]:
+def _take_refresh_turn(user_id: int, kind: str) -> tuple[User | None, str | None, bool]:
     """Become the one request that refreshes this person, or wait for the one that is and read its result.
 
-    Return the person (row-locked when it is our turn) and whether we waited for another refresher.
+    Return the person (row-locked when it is our turn), their recent refusal of this kind (when it
+    is our turn) and whether we waited for another refresher.
     On PostgreSQL the turn is a transaction-scoped advisory lock, taken without waiting in the same
     statement that locks the person's row: whoever gets it refreshes, holding the row lock too.
     Everyone else waits for it with a shared advisory lock, which all of them get together the
@@ -417,46 +425,52 @@ def _take_refresh_turn(user_id: int) -> tuple[User | None, bool]:
     turn, each for a read and a commit.
     """
     if db.engine.dialect.name != "postgresql":
-        return _lock_user(user_id), False
+        return *_lock_for_refresh(user_id, kind), False
     db.session.commit()  # the turn must be the first thing of its own transaction
     try:
-        user = db.session.execute(_TURN_AND_LOCKED_PERSON, {"user_id": user_id}).scalar_one_or_none()
-        if user is not None:
-            return user, False
+        row = db.session.execute(_TURN_AND_LOCKED_PERSON, _refresh_read(user_id, kind)).first()
+        if row is not None:
+            return *row, False
         # The turn is taken (or the person is gone, which the read after the wait tells).
         db.session.execute(_WAIT_FOR_TURN, {"user_id": user_id})
     except OperationalError as exc:
         db.session.rollback()
         raise RefreshUnavailable("timed out waiting for another refresh of this person") from exc
     db.session.commit()  # the refresher has committed: let go of the shared lock at once, and read its result
-    return _person(user_id), True
+    return db.session.execute(_PERSON, {"user_id": user_id}).scalar_one_or_none(), None, True
 
 
 def _lock_user(user_id: int) -> User | None:
     """Start a new transaction holding the person's row lock, and re-read the row under it."""
+    row = _locked(_LOCKED_PERSON, {"user_id": user_id})
+    return row[0] if row else None
+
+
+def _lock_for_refresh(user_id: int, kind: str) -> tuple[User | None, str | None]:
+    """Lock the person's row as _lock_user does, reading their recent refusal of this kind with it."""
+    row = _locked(_LOCKED_FOR_REFRESH, _refresh_read(user_id, kind))
+    return (row[0], row[1]) if row else (None, None)
+
+
+def _locked(statement, params: dict):
+    """Start a new transaction holding the person's row lock, and run the statement that reads them under it."""
     db.session.commit()  # the lock must be the first thing of its own transaction
     try:
         if db.engine.dialect.name == "sqlite":
             # SQLite has no row locks: take the database write lock up front (waits up to the busy timeout).
             db.session.execute(text("BEGIN IMMEDIATE"))
-            return _person(user_id)
-        return _locked_row(user_id)
+        return db.session.execute(statement, params).first()
     except OperationalError as exc:
         db.session.rollback()
         raise RefreshUnavailable("timed out waiting for another refresh of this person") from exc
 
 
-def _person(user_id: int) -> User | None:
-    """Read the person with their tokens, replacing whatever this session held of them."""
-    return db.session.execute(_PERSON, {"user_id": user_id}).scalar_one_or_none()
+def _refresh_read(user_id: int, kind: str) -> dict:
+    return {"user_id": user_id, "kind": kind, "refusals_since": utcnow() - REFUSAL_BACKOFF}
 
 
-def _locked_row(user_id: int) -> User | None:
-    return db.session.execute(_LOCKED_PERSON, {"user_id": user_id}).scalar_one_or_none()
-
-
-def _apply_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | None) -> None:
-    """Write a refresh's tokens to the person's row (and, when the refresh token rotated, their sessions' expiry)."""
+def _apply_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | None, event: dict | None = None) -> None:
+    """Write a refresh's tokens to the person's row (and, when the refresh token rotated, their sessions' expiry), with its event when given."""
     now = utcnow()
     expires_at = now + timedelta(seconds=tokens.expires_in)
     if kind == "viewer":
@@ -464,12 +478,34 @@ def _apply_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | No
     else:
         values = {"access_token": tokens.access_token, "access_expires_at": expires_at}
     values["refresh_unsure"] = False
+    follow = {}
     if tokens.refresh_token:  # some OIDC providers do not rotate; APS always does
         refresh_expires_at = now + REFRESH_TOKEN_LIFETIME
         values.update(refresh_token=tokens.refresh_token, refresh_issued_at=now, refresh_expires_at=refresh_expires_at)
         values["refresh_rotations"] = user.refresh_rotations + 1  # we hold the row lock
-        db.session.execute(_SESSIONS_FOLLOW, {"person": user.id, "now": now, "until": refresh_expires_at})
+        follow = {"now": now, "until": refresh_expires_at}
+    if event is not None and db.engine.dialect.name == "postgresql":
+        # Named apart from every column: a parameter named like one would be set in each statement's columns too.
+        params = {f"new_{name}": value for name, value in values.items()} | {f"event_{name}": value for name, value in event.items()}
+        db.session.execute(_writes_with_event(tuple(values), tuple(event), bool(follow)), {"person": user.id, "turn_of": user.id, **params, **follow})
+        return
+    if follow:
+        db.session.execute(_SESSIONS_FOLLOW, {"person": user.id, **follow})
     db.session.execute(_UPDATE_PERSON, {"person": user.id, **values})
+    if event is not None:
+        db.session.execute(_RECORD_EVENT, event)  # SQLite cannot tell who waits
+
+
+@functools.cache
+def _writes_with_event(columns: tuple[str, ...], event_columns: tuple[str, ...], sessions_follow: bool) -> Insert:
+    """Build, once per set of columns, a refresh's writes as one PostgreSQL statement: the event's insert, the rest as its CTEs.
+
+    One round trip instead of three. The event counts the requests waiting for this refresh.
+    """
+    person = _UPDATE_PERSON.values({name: bindparam(f"new_{name}") for name in columns}).cte("person")
+    event = {name: bindparam(f"event_{name}") for name in event_columns}
+    statement = _RECORD_EVENT_COUNTING_WAITERS.values(event).add_cte(person)
+    return statement.add_cte(_SESSIONS_FOLLOW.cte("sessions")) if sessions_follow else statement
 
 
 def _forget(user: User, kind: str, outcome: str, trigger: str, timing: tuple[float, float]) -> None:
@@ -481,7 +517,7 @@ def _forget(user: User, kind: str, outcome: str, trigger: str, timing: tuple[flo
     _finish(user_id, kind, outcome, trigger, timing)
 
 
-def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[float, float], reason: str = "", provider_ms: int | None = None) -> None:
+def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[float, float], reason: str = "", provider_ms: float | None = None) -> None:
     """Record the refresh event in a transaction of its own and log it; losing the record loses nothing else."""
     try:
         db.session.execute(_RECORD_EVENT, _event(user_id, kind, outcome, trigger, timing[0]))
@@ -492,18 +528,9 @@ def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[f
     _log(user_id, kind, outcome, timing, trigger, reason, provider_ms)
 
 
-def _add_event(user_id: int, kind: str, trigger: str, started: float) -> None:
-    """Add a refresh's event to the transaction that stores its tokens; on PostgreSQL it counts the requests waiting for it."""
-    values = _event(user_id, kind, "refreshed", trigger, started)
-    if db.engine.dialect.name == "postgresql":
-        db.session.execute(_RECORD_EVENT_COUNTING_WAITERS, {**values, "turn_of": user_id})
-    else:
-        db.session.execute(_RECORD_EVENT, values)  # SQLite cannot tell who waits
-
-
 def _event(user_id: int, kind: str, outcome: str, trigger: str, started: float) -> dict:
     """Return a refresh event's row: its client-chosen trigger cleaned, its duration so far."""
-    return {"user_id": user_id, "kind": kind, "outcome": outcome, "trigger": _clean(trigger), "duration_ms": _ms(started)}
+    return {"user_id": user_id, "at": utcnow(), "kind": kind, "outcome": outcome, "trigger": _clean(trigger), "duration_ms": round(_ms(started))}
 
 
 def _clean(trigger: str) -> str:
@@ -511,20 +538,12 @@ def _clean(trigger: str) -> str:
     return "".join(ch if ch.isprintable() else "\ufffd" for ch in trigger)[:255]
 
 
-def _recent_refusal(user: User, kind: str) -> str | None:
-    """Return the error of a refusal of this kind of refresh since the person's sign-in and within the backoff, if it is the latest outcome."""
-    latest = db.session.execute(_LATEST_EVENT, {"user_id": user.id, "kind": kind}).first()
-    if latest is None or not latest.outcome.startswith("refused:"):
-        return None
-    since = max(utcnow() - REFUSAL_BACKOFF, user.signed_in_at or utcnow())
-    return latest.outcome.removeprefix("refused:") if latest.at >= since else None
+def _ms(started: float) -> float:
+    """Return the milliseconds since started, to a tenth: a refresh's own work is a few of them."""
+    return round((time.monotonic() - started) * 1000, 1)
 
 
-def _ms(started: float) -> int:
-    return int((time.monotonic() - started) * 1000)
-
-
-def _log(user_id: int, kind: str, outcome: str, timing: tuple[float, float], trigger: str, reason: str = "", provider_ms: int | None = None) -> None:
+def _log(user_id: int, kind: str, outcome: str, timing: tuple[float, float], trigger: str, reason: str = "", provider_ms: float | None = None) -> None:
     """Write one structured line per refresh; never a token."""
     started, locked = timing
     fields = {
@@ -533,7 +552,7 @@ def _log(user_id: int, kind: str, outcome: str, timing: tuple[float, float], tri
         "kind": kind,
         "outcome": outcome,
         "duration_ms": _ms(started),
-        "lock_wait_ms": int((locked - started) * 1000),
+        "lock_wait_ms": round((locked - started) * 1000, 1),
         "waited": locked - started > 0.05,
         "trigger": trigger,
     }

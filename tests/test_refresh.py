@@ -7,12 +7,13 @@ import time
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
+import psycopg
 import pytest
 import sqlalchemy
 from sqlalchemy import event, update
 
 import tokens
-from conftest import expire_access_token, sign_in, stored_user
+from conftest import PG_ADMIN, expire_access_token, sign_in, stored_user
 from models import RefreshEvent, User, UserSession, db, utcnow
 from provider import ProviderUnavailable
 from standin.store import refresh_tokens
@@ -380,3 +381,68 @@ def test_the_hook_reads_through_its_threads_own_connection_and_gives_it_back_whe
         assert client.get("/api/session").status_code == 200
     finally:
         event.remove(reads, "checkout", count)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_pooled_connection_is_used_without_a_ping_and_replaced_when_its_server_hung_up(app, client):
+    """A refresh on a live pooled connection costs no ping round trip; one whose server ended it while idle is replaced, not a 503."""
+    with app.app_context():
+        engine = db.engine
+    pings = []
+    ping = engine.dialect.do_ping
+
+    def counted_ping(dbapi_connection):
+        pings.append(1)
+        return ping(dbapi_connection)
+
+    sign_in(client)
+    engine.dialect.do_ping = counted_ping
+    try:
+        expire_access_token(app)
+        assert client.get("/api/profile").status_code == 200
+        assert pings == []
+        expire_access_token(app)
+        # End every connection of this app's database while it sits in a pool, as a restart would.
+        database = engine.url.database
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+            deadline = time.monotonic() + 5
+            while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)).fetchone()[0] and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert client.get("/api/profile").status_code == 200
+        assert pings  # the hung-up connection was noticed and pinged, then replaced
+    finally:
+        engine.dialect.do_ping = ping
+
+
+def test_a_refresh_reads_the_person_once_and_on_postgresql_writes_once(app, client):
+    """The locked read brings the person's latest refusal along; on PostgreSQL the tokens, the sessions' expiry and the event are one statement."""
+    with app.app_context():
+        engine = db.engine
+    sign_in(client)
+    expire_access_token(app)
+    statements: list[str] = []
+
+    def note(conn, cursor, statement, *args) -> None:
+        statements.append(" ".join(statement.split()))
+
+    def note_commit(conn) -> None:
+        statements.append("COMMIT")
+
+    event.listen(engine, "before_cursor_execute", note)
+    event.listen(engine, "commit", note_commit)
+    try:
+        assert client.get("/api/profile").status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+        event.remove(engine, "commit", note_commit)
+    locked = next(i for i, s in enumerate(statements) if "FOR UPDATE" in s or s == "BEGIN IMMEDIATE")
+    rotation = statements[locked : statements.index("COMMIT", locked)]
+    if engine.dialect.name == "postgresql":
+        read, writes = rotation[0], rotation[1:]
+        assert len(writes) == 1 and writes[0].startswith("WITH person AS (UPDATE users"), rotation
+        assert "UPDATE user_sessions" in writes[0] and "INSERT INTO refresh_events" in writes[0]
+    else:
+        read = rotation[1]
+        assert [s.split()[0] for s in rotation] == ["BEGIN", "SELECT", "UPDATE", "UPDATE", "INSERT"], rotation
+    assert "FROM refresh_events" in read  # the latest refusal, read with the locked row
