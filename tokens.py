@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import Insert, Integer, and_, bindparam, case, column, delete, func, insert, select, table, text, update
+from sqlalchemy import Insert, Integer, Row, Select, and_, bindparam, case, column, delete, func, insert, select, table, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import undefer_group
 
@@ -452,7 +452,7 @@ def _lock_for_refresh(user_id: int, kind: str) -> tuple[User | None, str | None]
     return (row[0], row[1]) if row else (None, None)
 
 
-def _locked(statement, params: dict):
+def _locked(statement: Select, params: dict) -> Row | None:
     """Start a new transaction holding the person's row lock, and run the statement that reads them under it."""
     db.session.commit()  # the lock must be the first thing of its own transaction
     try:

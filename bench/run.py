@@ -292,7 +292,7 @@ def markdown(r: dict) -> str:
             f"| refresher's own refresh, p50 / max | {fmt(e['refresher_duration_ms_p50'])} / {fmt(e['refresher_duration_ms_max'])} ms | |",
             f"| of which its own work besides the provider call, p50 | {fmt(e['refresher_own_ms_p50'])} ms | |",
             f"| the same for a lone request (no burst), p50 / p90 of {len(e['refresher_own_alone_ms'])} | {fmt(e['refresher_own_alone_ms_p50'], 1)} / "
-            f"{fmt(e['refresher_own_alone_ms_p90'])} ms | < 5 ms ({'met' if e['refresher_own_alone_ms_p50'] < 5 else 'missed'}) |",
+            f"{fmt(e['refresher_own_alone_ms_p90'], 1)} ms | < 5 ms ({'met' if e['refresher_own_alone_ms_p50'] < 5 else 'missed'}) |",
             f"| waiters done after the refresher, p50 / p99 | {fmt(e['waiter_done_after_refresher_ms_p50'])} / "
             f"{fmt(e['waiter_done_after_refresher_ms_p99'])} ms | < 20 / < 100 ms "
             f"({'met' if e['waiter_done_after_refresher_ms_p50'] < 20 and e['waiter_done_after_refresher_ms_p99'] < 100 else 'missed'}) |",
