@@ -168,14 +168,14 @@ class DjangoOAuthToolkit(Provider):
 
 
 def pip_install() -> None:
-    """Install the pinned toolkit into tests/interop/.venv, unless that exact list is already installed."""
-    venv, wanted = PACKAGE / ".venv", PACKAGE / "requirements.txt"
+    """Install the locked toolkit into tests/interop/.venv, unless that exact lock is already installed."""
+    venv, wanted = PACKAGE / ".venv", PACKAGE / "requirements.lock"
     stamp = venv / "installed-requirements.sha256"
     digest = hashlib.sha256(wanted.read_bytes()).hexdigest()
     if stamp.exists() and stamp.read_text() == digest:
         return
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
-    pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "-r", str(wanted)]
+    pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "--require-hashes", "-r", str(wanted)]
     subprocess.run(pip, check=True, capture_output=True, timeout=600)
     stamp.write_text(digest)
 

@@ -572,7 +572,14 @@ def pins(path: Path) -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize(("inputs", "lock"), [("requirements.txt", "requirements.lock"), ("requirements-dev.txt", "requirements-dev.lock")])
+@pytest.mark.parametrize(
+    ("inputs", "lock"),
+    [
+        ("requirements.txt", "requirements.lock"),
+        ("requirements-dev.txt", "requirements-dev.lock"),
+        ("tests/interop/requirements.txt", "tests/interop/requirements.lock"),
+    ],
+)
 def test_lock_files_pin_every_package_with_hashes_and_match_their_inputs(inputs, lock):
     """After editing a requirements*.txt, bash scripts/lock must run: the lock is what gets installed."""
     text = (ROOT / lock).read_text()
@@ -583,6 +590,8 @@ def test_lock_files_pin_every_package_with_hashes_and_match_their_inputs(inputs,
     locked = pins(ROOT / lock)
     wanted = pins(ROOT / inputs) | (pins(ROOT / "requirements.txt") if inputs == "requirements-dev.txt" else {})
     assert {name: locked.get(name) for name in wanted} == wanted
+    if inputs.startswith("tests/interop/"):
+        return  # the interop provider's own virtual environment, apart from the app's
     app = pins(ROOT / "requirements.lock")
     assert {name: version for name, version in locked.items() if name in app} == app  # tests run what the image runs
 
@@ -594,6 +603,9 @@ def test_every_install_uses_a_lock_file_with_hashes():
         "scripts/demo": "bash scripts/venv requirements.lock ",
         "scripts/test": "bash scripts/venv requirements-dev.lock ",
         "scripts/venv": '--require-hashes -r "$lock"',
+        # The interop tests' django-oauth-toolkit, in a virtual environment of its own: installed by CI or by the tests.
+        ".ci/run": '--require-hashes -r "$interop/requirements.lock"',
+        "tests/oidc_op.py": '"--require-hashes", "-r", str(wanted)',
     }
     for path, command in installs.items():
         text = (ROOT / path).read_text()
