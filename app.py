@@ -13,7 +13,7 @@ from cryptography.fernet import Fernet, MultiFernet
 from flask import Flask, Response, current_app, g, jsonify, redirect, render_template, request, url_for
 from flask_migrate import Migrate
 from sqlalchemy import Dialect, event, make_url
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, InvalidatePoolError, OperationalError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -251,7 +251,10 @@ def _init_database(app: Flask) -> None:
     binds = app.config.setdefault("SQLALCHEMY_BINDS", {})
     binds.setdefault("reads", {"url": uri, **options, "isolation_level": "AUTOCOMMIT", "max_overflow": -1})
     if not uri.startswith("sqlite"):
-        options.setdefault("connect_args", {"options": f"-c lock_timeout={int(wait * 1000)}"})
+        # TCP keepalives find a server that vanished without a word (a host lost, a failover) under a pooled
+        # connection within about a minute, so the check below replaces it before use.
+        keepalives = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+        options.setdefault("connect_args", {"options": f"-c lock_timeout={int(wait * 1000)}", **keepalives})
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
     with app.app_context():
@@ -266,20 +269,21 @@ def _init_database(app: Flask) -> None:
 
 
 def _replace_if_hung_up(dbapi_connection: psycopg.Connection, dialect: Dialect) -> None:
-    """Ping a pooled PostgreSQL connection only if its server sent something while it sat idle; replace it if the ping fails.
+    """Ping a pooled PostgreSQL connection only if its socket stirred while it sat idle; if the ping fails, start the pool afresh.
 
-    An idle connection has nothing to read unless its server hung up (a restart, an idle timeout)
-    or, rarely, sent a notice: looking at its socket costs no round trip, where pinging before every
-    use (pool_pre_ping) costs one on every refresh, sign-in and page that loads the whole person.
+    An idle connection has nothing to read unless its server hung up (a restart, an idle timeout) or,
+    rarely, sent a notice, and its socket reports an error once TCP keepalives found the server gone:
+    looking costs no round trip, where pinging before every use (pool_pre_ping) costs one on every
+    refresh, sign-in and page that loads the whole person.
     """
-    idle = select.poll()
-    idle.register(dbapi_connection.fileno(), select.POLLIN)
-    if not idle.poll(0):
-        return
     try:
-        dialect.do_ping(dbapi_connection)
+        idle = select.poll()
+        idle.register(dbapi_connection.fileno(), select.POLLIN)  # errors and hang-ups are reported too
+        if idle.poll(0):
+            dialect.do_ping(dbapi_connection)
     except psycopg.Error as exc:
-        raise DisconnectionError("the database closed this pooled connection") from exc  # the pool connects afresh
+        # Every connection as old as this one went with the same server: the pool drops them all and connects afresh.
+        raise InvalidatePoolError("the database closed this pooled connection") from exc
 
 
 def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record) -> None:

@@ -47,8 +47,10 @@ What each answer of the provider means:
   nothing happened (unavailable); no answer leaves it unsure for the next attempt.
 - Unreachable or 5xx: nothing was consumed; keep everything -> RefreshUnavailable (503).
 - Any other refusal (invalid_scope...): an answer, not an outage. Keep everything, do not ask
-  the same again for REFUSAL_BACKOFF (the statement that locks the person for a refresh reads
-  their latest refusal with the row) -> RefreshRefused (403).
+  the same again for REFUSAL_BACKOFF -> RefreshRefused (403). The refusal is recorded before the
+  locks are let go, and whoever refreshes next reads it under them: the turn's statement reads it
+  with the locked row; after a wait for the row lock it is read again, since PostgreSQL re-reads
+  the locked row after such a wait but not the statement's subqueries.
 - A full refresh that comes back with nothing beyond the viewer scope: the provider narrowed
   the whole grant when asked for a viewer token (downscope.py). End that grant and stop
   downscoping -> SignInRequired with a notice saying so.
@@ -113,6 +115,7 @@ _REFUSED = (
     .scalar_subquery()
 )
 _LOCKED_FOR_REFRESH = _PERSON.add_columns(_REFUSED).with_for_update(of=_users)
+_REFUSED_NOW = select(_REFUSED).where(_users.c.id == bindparam("user_id"))
 _turn_of_user_id = (REFRESH_TURN, bindparam("user_id", type_=Integer))
 # PostgreSQL: the person's row, locked, if their refresh turn was free and is now ours; no row otherwise.
 _TURN_AND_LOCKED_PERSON = _LOCKED_FOR_REFRESH.where(func.pg_try_advisory_xact_lock(*_turn_of_user_id))
@@ -316,8 +319,8 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         _forget(user, kind, "lost_rotation" if user.refresh_unsure else "invalid_grant", trigger, timing)
         raise SignInRequired("refresh token expired, revoked or replaced") from None
     except ProviderRejected as exc:
-        # A refusal is an answer, not an outage: the token was not consumed, and asking again gets the same answer.
-        db.session.rollback()
+        # A refusal is an answer, not an outage: the token was not consumed, and asking again gets the same
+        # answer. Record it before letting go of the locks, so whoever takes them next reads it.
         _finish(user_id, kind, f"refused:{exc.error}"[:32], trigger, timing, reason=str(exc))
         raise RefreshRefused(exc.error) from None
     except ProviderError as exc:
@@ -447,9 +450,15 @@ def _lock_user(user_id: int) -> User | None:
 
 
 def _lock_for_refresh(user_id: int, kind: str) -> tuple[User | None, str | None]:
-    """Lock the person's row as _lock_user does, reading their recent refusal of this kind with it."""
-    row = _locked(_LOCKED_FOR_REFRESH, _refresh_read(user_id, kind))
-    return (row[0], row[1]) if row else (None, None)
+    """Lock the person's row as _lock_user does, and read their recent refusal of this kind under the lock."""
+    params = _refresh_read(user_id, kind)
+    if db.engine.dialect.name != "postgresql":
+        row = _locked(_LOCKED_FOR_REFRESH, params)  # read once SQLite's write lock is ours: the refusal is current
+        return tuple(row) if row else (None, None)
+    # Here the row lock may be waited for, behind a request refused meanwhile, and a PostgreSQL statement
+    # that waits for a row lock re-reads the locked row but not its subqueries: read the refusal afterwards.
+    user = _lock_user(user_id)
+    return user, db.session.execute(_REFUSED_NOW, params).scalar() if user else None
 
 
 def _locked(statement: Select, params: dict) -> Row | None:
@@ -466,6 +475,7 @@ def _locked(statement: Select, params: dict) -> Row | None:
 
 
 def _refresh_read(user_id: int, kind: str) -> dict:
+    """Return the parameters of the statements that read the person for a refresh of this kind."""
     return {"user_id": user_id, "kind": kind, "refusals_since": utcnow() - REFUSAL_BACKOFF}
 
 
@@ -487,7 +497,7 @@ def _apply_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | No
     if event is not None and db.engine.dialect.name == "postgresql":
         # Named apart from every column: a parameter named like one would be set in each statement's columns too.
         params = {f"new_{name}": value for name, value in values.items()} | {f"event_{name}": value for name, value in event.items()}
-        db.session.execute(_writes_with_event(tuple(values), tuple(event), bool(follow)), {"person": user.id, "turn_of": user.id, **params, **follow})
+        db.session.execute(_writes_with_event(tuple(values), tuple(event)), {"person": user.id, "turn_of": user.id, **params, **follow})
         return
     if follow:
         db.session.execute(_SESSIONS_FOLLOW, {"person": user.id, **follow})
@@ -497,7 +507,7 @@ def _apply_refresh(user: User, kind: str, tokens: TokenResponse, scope: str | No
 
 
 @functools.cache
-def _writes_with_event(columns: tuple[str, ...], event_columns: tuple[str, ...], sessions_follow: bool) -> Insert:
+def _writes_with_event(columns: tuple[str, ...], event_columns: tuple[str, ...]) -> Insert:
     """Build, once per set of columns, a refresh's writes as one PostgreSQL statement: the event's insert, the rest as its CTEs.
 
     One round trip instead of three. The event counts the requests waiting for this refresh.
@@ -505,7 +515,7 @@ def _writes_with_event(columns: tuple[str, ...], event_columns: tuple[str, ...],
     person = _UPDATE_PERSON.values({name: bindparam(f"new_{name}") for name in columns}).cte("person")
     event = {name: bindparam(f"event_{name}") for name in event_columns}
     statement = _RECORD_EVENT_COUNTING_WAITERS.values(event).add_cte(person)
-    return statement.add_cte(_SESSIONS_FOLLOW.cte("sessions")) if sessions_follow else statement
+    return statement.add_cte(_SESSIONS_FOLLOW.cte("sessions")) if "refresh_token" in columns else statement  # it rotated
 
 
 def _forget(user: User, kind: str, outcome: str, trigger: str, timing: tuple[float, float]) -> None:

@@ -406,9 +406,10 @@ def test_a_pooled_connection_is_used_without_a_ping_and_replaced_when_its_server
         database = engine.url.database
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
-            deadline = time.monotonic() + 5
-            while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)).fetchone()[0] and time.monotonic() < deadline:
+            deadline, alive = time.monotonic() + 5, "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+            while (left := admin.execute(alive, (database,)).fetchone()[0]) and time.monotonic() < deadline:
                 time.sleep(0.02)
+            assert left == 0
         assert client.get("/api/profile").status_code == 200
         assert pings  # the hung-up connection was noticed and pinged, then replaced
     finally:
@@ -446,3 +447,41 @@ def test_a_refresh_reads_the_person_once_and_on_postgresql_writes_once(app, clie
         read = rotation[1]
         assert [s.split()[0] for s in rotation] == ["BEGIN", "SELECT", "UPDATE", "UPDATE", "INSERT"], rotation
     assert "FROM refresh_events" in read  # the latest refusal, read with the locked row
+
+
+def test_requests_queued_behind_a_refused_refresh_take_its_answer_without_asking_again(app_factory, standin, monkeypatch):
+    """A refresh fails (503) with two requests waiting; the first of them is refused; the second reads that refusal and does not ask."""
+    # The viewer scope is not part of the grant: the stand-in refuses that refresh with invalid_scope.
+    app = app_factory(OAUTH_VIEWER_SCOPE="data:create")
+    client = app.test_client()
+    sign_in(client)
+    provider, calls = app.extensions["provider"], []
+    real = provider.refresh
+
+    def slow_refresh(*args, **kwargs):
+        calls.append(kwargs.get("scope"))
+        time.sleep(0.4)  # a slow provider: the other requests queue meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(provider, "refresh", slow_refresh)
+    standin.inject("5xx")  # the first refresh fails for a reason that leaves the next request to try
+    cookie = _session_cookie(client)
+    statuses: list[int] = []
+
+    def request_viewer_token() -> None:
+        browser = app.test_client()
+        browser.set_cookie(*cookie)
+        statuses.append(browser.get("/api/viewer-token").status_code)
+
+    first = threading.Thread(target=request_viewer_token)
+    first.start()
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the first request is at the provider, holding the turn
+    queued = [threading.Thread(target=request_viewer_token) for _ in range(2)]
+    for thread in queued:
+        thread.start()
+    for thread in [first, *queued]:
+        thread.join(timeout=30)
+    assert sorted(statuses) == [403, 403, 503]
+    assert calls == ["data:create", "data:create"]  # the 503, then one refusal: never the same question twice
