@@ -32,7 +32,8 @@ so the database holds the locks:
    fresh connection for ROTATION_STORE_RETRY seconds, storing the tokens alone (an event
    row must never take the tokens down with it) and the event afterwards, on its own. A
    rotation that still cannot be stored is logged at ERROR as lost_rotation. Every other
-   outcome's event is recorded afterwards too, in a transaction of its own.
+   outcome's event is recorded afterwards, in a transaction of its own (a refusal's before the
+   locks are let go: see below).
 
 What each answer of the provider means:
 
@@ -49,8 +50,10 @@ What each answer of the provider means:
 - Any other refusal (invalid_scope...): an answer, not an outage. Keep everything, do not ask
   the same again for REFUSAL_BACKOFF -> RefreshRefused (403). The refusal is recorded before the
   locks are let go, and whoever refreshes next reads it under them: the turn's statement reads it
-  with the locked row; after a wait for the row lock it is read again, since PostgreSQL re-reads
-  the locked row after such a wait but not the statement's subqueries.
+  with the locked row (that statement seldom waits for the row lock: only behind a sign-in, a
+  sign-out, or a request refreshing after a failed refresh). A request that queues at the row lock
+  after a failed refresh reads it again once the lock is its own: PostgreSQL re-reads the locked
+  row after such a wait, but not the statement's subqueries.
 - A full refresh that comes back with nothing beyond the viewer scope: the provider narrowed
   the whole grant when asked for a viewer token (downscope.py). End that grant and stop
   downscoping -> SignInRequired with a notice saying so.
@@ -528,7 +531,7 @@ def _forget(user: User, kind: str, outcome: str, trigger: str, timing: tuple[flo
 
 
 def _finish(user_id: int, kind: str, outcome: str, trigger: str, timing: tuple[float, float], reason: str = "", provider_ms: float | None = None) -> None:
-    """Record the refresh event in a transaction of its own and log it; losing the record loses nothing else."""
+    """Record the refresh event, committing it with the current transaction (whose locks go with it), and log it; losing the record loses nothing else."""
     try:
         db.session.execute(_RECORD_EVENT, _event(user_id, kind, outcome, trigger, timing[0]))
         db.session.commit()
