@@ -12,6 +12,7 @@ import hashlib
 import logging
 import threading
 import time
+import unicodedata
 from datetime import UTC, datetime, timedelta
 
 import jwt
@@ -147,7 +148,8 @@ def validate(token: str, issuer: str, jwks_url: str) -> dict:
 
 
 def _text(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 255
+    # PostgreSQL refuses NUL in text, and no encoding holds a lone surrogate (JSON's "\\ud800"): such a claim is a bad token.
+    return isinstance(value, str) and 0 < len(value) <= 255 and not any(unicodedata.category(c) in ("Cc", "Cs") for c in value)
 
 
 def _issued_at(claims: dict) -> datetime:
