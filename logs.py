@@ -84,7 +84,7 @@ class JsonLines(JsonFormatter):
             # An app event written as JSON text (tokens.py) becomes fields, not a string inside a string.
             event = _json_object(message)
             if event is not None:
-                del log_data["message"]
+                log_data["message"] = str(event.get("event", ""))  # every line keeps a message, here the event's name
                 log_data.update({key: value for key, value in event.items() if key not in log_data})
         if record.name == "gunicorn.access" and isinstance(record.args, Mapping):
             log_data.update({field: record.args.get(atom) for atom, field in ACCESS_FIELDS.items()})
