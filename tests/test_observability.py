@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import time
 from contextlib import nullcontext
@@ -123,6 +124,15 @@ def test_prometheus_counts_each_refresh_the_provider_saw_once(server, prometheus
     assert query(prometheus, "sum(signin_token_refresh_seconds_count)") == refreshes
     assert query(prometheus, 'sum(signin_sign_ins_total{how="interactive"})') >= 1
     assert query(prometheus, "max(signin_sessions_live)") >= 1
+
+    # A worker that dies keeps its counts in the sum; its replacement counts from there on.
+    (victim, *_) = server.workers()
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: victim not in server.workers() and len(server.workers()) == 3, "gunicorn did not replace the killed worker")
+    wait_for_expiry(browser, server.url)
+    assert burst(browser, [f"{server.url}/api/profile"], count=12) == [200] * 12
+    refreshes = server.store.count("refresh")
+    _wait_for(lambda: query(prometheus, counted) == refreshes, f"Prometheus counted {query(prometheus, counted)} refreshes, the provider saw {refreshes}")
 
 
 def log_lines(server: Gunicorn) -> list[dict]:
