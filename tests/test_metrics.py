@@ -77,6 +77,20 @@ def test_sign_ins_refreshes_and_sign_outs_are_counted(app, client):
     assert counted("signin_sign_outs_total", how="device") == device + 1
 
 
+def test_failed_refreshes_are_counted_by_their_outcome(app, client, standin):
+    """The outcome label is the one the refresh event records: unavailable, then invalid_grant."""
+    unavailable = counted("signin_token_refreshes_total", kind="access", outcome="unavailable")
+    invalid = counted("signin_token_refreshes_total", kind="access", outcome="invalid_grant")
+    sign_in(client)
+    expire_access_token(app)
+    standin.inject("5xx")
+    assert client.get("/api/profile").status_code == 503
+    standin.inject("invalid_grant")
+    assert client.get("/api/profile").status_code == 401
+    assert counted("signin_token_refreshes_total", kind="access", outcome="unavailable") == unavailable + 1
+    assert counted("signin_token_refreshes_total", kind="access", outcome="invalid_grant") == invalid + 1
+
+
 def test_proxy_answers_are_counted_by_status(client):
     before = counted("signin_proxy_requests_total", status="401")
     assert client.get("/api/aps/project/v1/hubs").status_code == 401  # not signed in
