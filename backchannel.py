@@ -21,6 +21,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 
+import metrics
 import tokens
 from models import SeenLogoutToken, User, UserSession, db, utcnow
 
@@ -94,6 +95,7 @@ def logout() -> tuple[Response, int] | Response:
         log.info("back-channel logout refused: %s", exc)
         return _refuse(str(exc))
     ended = end_sessions(claims.get("sub"), claims.get("sid"))
+    metrics.count_sign_out("backchannel")
     log.info("back-channel logout ended %d session(s)", ended)
     return Response(status=200)
 

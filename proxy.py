@@ -22,9 +22,11 @@ import urllib3
 from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 
 import bearer
+import metrics
 from provider import InvalidGrant
 
 bp = Blueprint("proxy", __name__)
+bp.after_request(metrics.count_proxy_response)  # every answer, the error pages and refusals too
 
 PREFIX = "/api/aps/"
 # What a decoded path segment may hold: APS ids are like b.1a2b-3c or urn:adsk.wipprod:fs.folder:co.Ab_9.
