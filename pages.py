@@ -9,6 +9,7 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, redirect,
 from sqlalchemy import func, select
 
 import proxy
+import signout
 from auth import SIGN_IN_TRIGGER
 from models import RefreshEvent, User, UserSession, db, utcnow
 from redirects import safe_next
@@ -35,11 +36,13 @@ APS_VIEWER_CSP = (
 
 
 def login_required(view: Callable) -> Callable:
-    """Send a signed-out person through sign-in and back to this page."""
+    """Send a signed-out person through sign-in and back to this page; one signed out on purpose is told so first."""
 
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
         if g.get("user") is None:
+            if signout.reason():
+                return signout.page()
             return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?"))))
         return view(*args, **kwargs)
 

@@ -332,3 +332,44 @@ def test_a_sign_in_on_another_device_is_said_to_be_there(app):
     assert seen["signed_in_ago"] < 60 and seen["here_signed_in_ago"] >= 300
     assert ", on another device; this one signed in 5 min" in laptop.get("/session").get_data(as_text=True)
     assert phone.get("/api/lifecycle").get_json()["signed_in_elsewhere"] is False
+
+
+def test_signed_out_everywhere_is_told_so_at_home_and_on_every_page_after(app):
+    """The home page says what happened; Back to a page shows the app's own notice, never the provider's form."""
+    phone = device(app, PHONE)
+    laptop = device(app, FIREFOX)
+    csrf = csrf_from(laptop.get("/devices"))
+    assert laptop.post("/auth/logout-everywhere", data={"csrf_token": csrf}).headers["Location"] == "/"
+    home = laptop.get("/").get_data(as_text=True)
+    assert "You signed out everywhere" in home and ">Sign in again</a>" in home
+    back = laptop.get("/session")
+    assert back.status_code == 401 and "Location" not in back.headers
+    html = back.get_data(as_text=True)
+    assert "You signed out everywhere" in html
+    assert '<a class="button primary" href="/auth/login?next=/session">Sign in again</a>' in html
+    # The other device, reloading a page, learns why too, on this app's page; later pages keep saying so.
+    for attempt in range(2):
+        reply = phone.get("/devices")
+        assert reply.status_code == 401 and "Location" not in reply.headers, attempt
+        assert "signed out from another of your devices" in reply.get_data(as_text=True)
+    assert "signed out from another of your devices" in phone.get("/").get_data(as_text=True)
+
+
+def test_signed_out_here_is_told_so_and_sign_in_again_clears_the_notice(client):
+    sign_in(client)
+    csrf = csrf_from(client.get("/"))
+    client.post("/auth/logout", data={"csrf_token": csrf})
+    assert "You signed out on this browser" in client.get("/viewer").get_data(as_text=True)
+    assert sign_in(client, next_path="/viewer").status_code == 302
+    assert client.get("/viewer").status_code == 200
+    client.post("/auth/logout", data={"csrf_token": csrf_from(client.get("/"))})
+    login = client.get("/auth/login?next=/session")  # the person chose to sign in again: the notice is gone
+    assert login.status_code == 302
+    assert client.get("/session").status_code == 302
+
+
+def test_a_cookie_this_app_never_issued_is_simply_signed_out(client):
+    client.set_cookie("session", "forged.value")
+    reply = client.get("/session")
+    assert reply.status_code == 302 and reply.headers["Location"].startswith("/auth/login")
+    assert "You are signed out" not in client.get("/").get_data(as_text=True)
