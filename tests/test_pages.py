@@ -1,5 +1,6 @@
 """The pages a person sees: home, the session timeline, devices, the viewer demo, and the strict CSP."""
 
+import base64
 import json
 import re
 from datetime import timedelta
@@ -373,3 +374,50 @@ def test_a_cookie_this_app_never_issued_is_simply_signed_out(client):
     reply = client.get("/session")
     assert reply.status_code == 302 and reply.headers["Location"].startswith("/auth/login")
     assert "You are signed out" not in client.get("/").get_data(as_text=True)
+
+
+def viewer_link(subject: str, name: str, project_title: str, filename: str) -> tuple[str, str, int]:
+    """Return the urn and project id the hubs browser links a file's latest version with, and that version's number."""
+    from standin.data import tree
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    projects = [p for hub in tree(subject, name) for p in hub.children if p.name == project_title]
+    item = next(n for n in walk(projects[0].children) if n.name == filename)
+    version_id = item.id.replace("dm.lineage:", "fs.file:vf.") + f"?version={item.versions}"
+    return base64.urlsafe_b64encode(version_id.encode()).rstrip(b"=").decode(), projects[0].id, item.versions
+
+
+def test_viewer_opened_from_the_hubs_names_the_file_and_its_version(app, client):
+    sign_in(client, "Ada Lovelace")
+    urn, project, version = viewer_link(stored_user(app).subject, "Ada Lovelace", "Harbour Bridge", "Harbour Bridge Structure.rvt")
+    reply = client.get(f"/viewer?urn={urn}&project={project}")
+    html = reply.get_data(as_text=True)
+    assert reply.status_code == 200
+    assert re.search(rf"<strong>Harbour Bridge Structure.rvt</strong>, version {version}\b", html)
+    assert "<title>Harbour Bridge Structure.rvt in the viewer" in html
+    # Without the project the version is still named from the URN itself.
+    assert f"a file this app could not name, version {version}" in client.get(f"/viewer?urn={urn}").get_data(as_text=True)
+    assert 'id="viewer-file"' not in client.get("/viewer").get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "urn=",
+        "urn=not%20base64",
+        "urn=" + base64.urlsafe_b64encode(b"<script>alert(1)</script>").decode().rstrip("="),
+        "urn=" + base64.urlsafe_b64encode(b"\xff\xfe").decode().rstrip("="),
+        "urn=QQ",  # "A"
+        "urn=" + "A" * 801,
+        "urn=" + base64.urlsafe_b64encode(b"urn:adsk.wipprod:fs.file:vf.x?version=1").decode().rstrip("=") + "&project=../../x",
+    ],
+)
+def test_viewer_link_with_a_malformed_urn_or_project_is_a_clear_400(client, query):
+    sign_in(client)
+    reply = client.get(f"/viewer?{query}")
+    assert reply.status_code == 400
+    assert "open the file again from Your hubs" in reply.get_data(as_text=True)
