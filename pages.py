@@ -177,6 +177,7 @@ def lifecycle(user: User) -> dict:
     access_refresh_at = user.access_expires_at - timedelta(seconds=leeway) if user.access_expires_at else None
     here = g.get("session")
     here_since = None if here is None else db.session.execute(select(UserSession.created_at).where(UserSession.id_hash == here.id_hash)).scalar_one_or_none()
+    refreshes_here = _silent_refreshes(user, here_since)
     # The person's latest sign-in may have been on another device: each sign-in there shows here too.
     elsewhere = here_since is not None and user.signed_in_at is not None and here_since < user.signed_in_at - timedelta(seconds=1)
     return {
@@ -201,7 +202,10 @@ def lifecycle(user: User) -> dict:
             "expires_at": _iso(user.refresh_expires_at),
             "expires_in": until(user.refresh_expires_at),
             "lifetime": int(REFRESH_TOKEN_LIFETIME.total_seconds()),
+            # Rotations of the current refresh token, issued by the latest sign-in on any device (the viewer token's refresh counts).
             "rotations": user.refresh_rotations,
+            # What the session page counts: silent refreshes since this device signed in, whichever device caused them.
+            "refreshes_here": refreshes_here,
             "last_rotation": _last_rotation(events),
         },
         "viewer": {
@@ -224,6 +228,19 @@ def lifecycle(user: User) -> dict:
             for e in events
         ],
     }
+
+
+def _silent_refreshes(user: User, since: datetime | None) -> int:
+    """Count the refreshes since a moment that were no part of a sign-in: each one rotated the person's refresh token."""
+    if since is None:
+        return 0
+    query = select(func.count()).where(
+        RefreshEvent.user_id == user.id,
+        RefreshEvent.outcome == "refreshed",
+        RefreshEvent.at >= since,
+        RefreshEvent.trigger.not_like(f"%{SIGN_IN_TRIGGER}"),
+    )
+    return db.session.execute(query).scalar_one()
 
 
 def _last_rotation(events: list[RefreshEvent]) -> str:

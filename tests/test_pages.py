@@ -122,7 +122,8 @@ def test_session_page_shows_the_refresh_its_own_load_caused(app, client):
     assert "<code>GET /session</code>" in html
     assert 'data-url="/api/lifecycle"' in html
     assert '<script src="/static/lifecycle.js" defer></script>' in html
-    assert re.search(r'<span id="rotations">2</span>', html)  # the viewer token at sign-in, then this page
+    # This page's refresh; the viewer token's refresh at sign-in was part of the sign-in.
+    assert re.search(r'<span id="rotations">1</span> <span id="rotations-word">refresh</span>', html)
 
 
 def test_devices_lists_each_browser_and_marks_this_one(app):
@@ -316,10 +317,24 @@ def test_the_rotation_right_after_sign_in_is_named_as_the_viewer_tokens(app, cli
     sign_in(client)
     life = client.get("/api/lifecycle").get_json()
     assert life["refresh"]["rotations"] == 1
+    assert life["refresh"]["refreshes_here"] == 0
+    assert '<span id="rotations">0</span> <span id="rotations-word">refreshes</span>' in client.get("/session").get_data(as_text=True)
     assert life["refresh"]["last_rotation"] == "Last: the viewer token's refresh at sign-in."
     assert '<p class="small" id="last-rotation">Last: the viewer token&#39;s refresh at sign-in.</p>' in client.get("/session").get_data(as_text=True)
     expire_access_token(app)
     assert client.get("/api/lifecycle").get_json()["refresh"]["last_rotation"] == "Last: the access token's refresh, by GET /api/lifecycle."
+
+
+def test_the_silent_refresh_count_never_drops_when_another_device_signs_in(app):
+    """The card counts what it says, silent refreshes since this device signed in: another device's sign-in adds none, takes none away."""
+    laptop = device(app, FIREFOX)
+    assert laptop.get("/api/lifecycle").get_json()["refresh"]["refreshes_here"] == 0  # the viewer token's refresh was part of the sign-in
+    for count in (1, 2):
+        expire_access_token(app)
+        assert laptop.get("/api/lifecycle").get_json()["refresh"]["refreshes_here"] == count
+    device(app, PHONE)  # a new refresh token for the person, and a viewer refresh at that sign-in
+    assert laptop.get("/api/lifecycle").get_json()["refresh"]["refreshes_here"] == 2
+    assert re.search(r'<span id="rotations">2</span> <span id="rotations-word">refreshes</span>', laptop.get("/session").get_data(as_text=True))
 
 
 def test_a_sign_in_on_another_device_is_said_to_be_there(app):
