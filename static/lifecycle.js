@@ -126,9 +126,7 @@
       [clock(at(-e.ago)), e.kind, e.outcome, e.trigger, waited, e.duration_ms + " ms"].forEach(function (text, i) {
         var td = document.createElement("td");
         if (i === 3) {
-          var code = document.createElement("code");
-          code.textContent = text;
-          td.append(code);
+          td.append(window.PageFormat.breakable(text));
         } else {
           td.textContent = text;
         }
@@ -146,6 +144,7 @@
       rows.push(tr);
     }
     body.replaceChildren.apply(body, rows);
+    window.PageFormat.scrollCues();
   }
 
   function tick() {

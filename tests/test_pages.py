@@ -119,7 +119,7 @@ def test_session_page_shows_the_refresh_its_own_load_caused(app, client):
     sign_in(client)
     expire_access_token(app)
     html = client.get("/session").get_data(as_text=True)
-    assert "<code>GET /session</code>" in html
+    assert '<code class="breakable"><span>GET</span> <span>/</span><wbr><span>session</span></code>' in html
     assert 'data-url="/api/lifecycle"' in html
     assert '<script src="/static/lifecycle.js" defer></script>' in html
     # This page's refresh; the viewer token's refresh at sign-in was part of the sign-in.
