@@ -69,6 +69,25 @@ def test_too_old_python_is_refused_in_one_sentence_that_says_how_to_pick_another
         assert f"PYTHON=python3.12 bash scripts/{script}" in lines[0]
 
 
+def test_a_pyenv_python_not_selected_is_named_by_what_to_do_not_the_same_command(tmp_path):
+    """pyenv's shim for a version it has but has not selected does not run: the hint names pyenv and the full path."""
+    version = Path(python("3.12")).parent.parent.name
+    if not shutil.which("pyenv") or not shutil.which("python3.12"):
+        pytest.skip("no pyenv with a python3.12 shim on this machine")
+    selected = next((v.name for v in PYENV.iterdir() if v.name.startswith("3.11.")), None)  # anything but 3.12
+    if selected is None:
+        pytest.skip("no other pyenv Python to select")
+    env = demo_env(tmp_path, PYTHON="python3.12", PYENV_VERSION=selected)
+    done = subprocess.run(["bash", "scripts/demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    full = PYENV / version / "bin" / "python3.12"
+    assert f"pyenv shell {version}" in lines[0] and f"PYTHON={full} bash scripts/demo" in lines[0]
+    assert "PYTHON=python3.12 " not in lines[0]  # not the command that just failed
+    assert subprocess.run([full, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"], env=env).returncode == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("broken", ["made with Python 3.10", "half-built"])
 def test_a_broken_venv_is_made_again(tmp_path, broken):
