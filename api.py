@@ -7,7 +7,7 @@ from flask import Blueprint, abort, current_app, g, jsonify, request, url_for
 import bearer
 import csrf
 import downscope
-import pages
+import events
 import tokens
 from models import utcnow
 
@@ -39,7 +39,7 @@ def session():
         access_token_fresh=not tokens.is_stale(expires_at),
         access_token_refreshed_at=_iso(_refreshed_at(user, at, outcome)),
         last_refresh=None if at is None else {"at": _iso(at), "outcome": outcome},
-        last_refresh_failed=at is not None and outcome != "refreshed",
+        last_refresh_failed=at is not None and outcome != events.Outcome.REFRESHED,
         session_expires_at=_iso(g.session.expires_at),
         sign_out_url=url_for("auth.logout"),
         csrf_token=csrf.token(),
@@ -50,9 +50,9 @@ def _refreshed_at(user, at: datetime | None, outcome: str | None) -> datetime | 
     """Return when the access token in use was issued, from the latest attempt when that one succeeded (no query)."""
     if at is None:
         return user.signed_in_at  # no refresh since the sign-in, which issued it
-    if outcome == "refreshed":
+    if outcome == events.Outcome.REFRESHED:
         return at
-    return pages.last_issued(user, "access")  # the latest attempt failed: look further back
+    return events.last_issued(user, "access")  # the latest attempt failed: look further back
 
 
 @bp.get("/api/profile")

@@ -26,13 +26,16 @@ import csrf
 import housekeeping
 import keys
 import limits
+import locking
 import pages
 import proxy
 import sessions
 import standin
 import tokens
+from grants import SignInRequired
+from locking import LockTimeout
 from models import db
-from provider import BackChannel, Provider, aps_endpoints, discover
+from provider import BackChannel, Provider, ProviderError, ProviderRejected, aps_endpoints, discover
 from redirects import safe_next
 from standin.inprocess import WSGIAdapter
 from standin.store import private_sqlite_file
@@ -53,6 +56,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.update(load_config(app.instance_path, test_config))
         app.extensions["token_cipher"] = _cipher(app.config["TOKEN_ENCRYPTION_KEYS"])
         _init_database(app)
+        locking.init_app(app)
         _init_provider(app)
         _trust_proxies(app)
         limits.init_app(app)  # before load_person: a refused request costs no database work
@@ -76,9 +80,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.before_request(load_person)
     app.after_request(security_headers)
     app.after_request(sessions.slide_cookie)
-    app.register_error_handler(tokens.SignInRequired, sign_in_required)
-    app.register_error_handler(tokens.RefreshUnavailable, provider_unavailable)
-    app.register_error_handler(tokens.RefreshRefused, provider_refused)
+    app.register_error_handler(SignInRequired, sign_in_required)
+    app.register_error_handler(ProviderError, provider_unavailable)
+    app.register_error_handler(ProviderRejected, provider_refused)
+    app.register_error_handler(LockTimeout, lock_timeout)
     app.register_error_handler(HTTPException, http_error)
     # A connection refused or cut (a restart) is an outage, not a bug: other database errors stay 500s.
     app.register_error_handler(OperationalError, database_unavailable)
@@ -154,7 +159,7 @@ def security_headers(response: Response) -> Response:
     return response
 
 
-def sign_in_required(exc: tokens.SignInRequired) -> Response:
+def sign_in_required(exc: SignInRequired) -> Response:
     """Send a person whose grant died back through sign-in (silently when the provider can), then to the same page."""
     db.session.rollback()
     if g.get("session") is not None:
@@ -182,9 +187,15 @@ def _sign_in_again(notice: str) -> tuple[Response | str, int]:
     return render_template("error.html", title="Please sign in again", detail=notice, retry=again), 401
 
 
-def provider_unavailable(exc: tokens.RefreshUnavailable) -> tuple[Response | str, int]:
+def provider_unavailable(exc: ProviderError) -> tuple[Response | str, int]:
     """Answer 503 and keep the session: the next request tries again."""
+    db.session.rollback()
     return _try_again("provider_unavailable", "The sign-in provider is not answering right now; you are still signed in, please try again in a moment.")
+
+
+def lock_timeout(exc: LockTimeout) -> tuple[Response | str, int]:
+    """Answer 503 and keep the session: another request held the person's lock for longer than a refresh may take."""
+    return _try_again("refresh_busy", "Your sign-in is still being renewed by another request; you are still signed in, please try again in a moment.")
 
 
 def database_unavailable(exc: SQLAlchemyError) -> tuple[Response | str, int]:
@@ -205,7 +216,7 @@ def _try_again(error: str, message: str) -> tuple[Response | str, int]:
     return render_template("error.html", title="Please try again in a moment", detail=message, retry=retry), 503
 
 
-def provider_refused(exc: tokens.RefreshRefused) -> tuple[Response | str, int]:
+def provider_refused(exc: ProviderRejected) -> tuple[Response | str, int]:
     """Answer 403 naming the provider's refusal, and keep the session: asking again would get the same answer."""
     message = f"The sign-in provider refused to issue this token ({exc.error}); you are still signed in."
     if _wants_json():
@@ -240,13 +251,13 @@ def _init_database(app: Flask) -> None:
     options.setdefault("hide_parameters", True)
     if uri.startswith("sqlite"):
         # A request waiting for another's refresh (or sign-in, or sign-out) waits for the write lock as long
-        # as a refresh may take, then gets a 503 (PostgreSQL's lock_timeout: tokens.py).
-        options.setdefault("connect_args", {"timeout": tokens.lock_wait(app.config)})
+        # as a refresh may take, then gets a 503 (PostgreSQL's lock_timeout: locking.py).
+        options.setdefault("connect_args", {"timeout": locking.lock_wait(app.config)})
         os.makedirs(app.instance_path, exist_ok=True)
         private_sqlite_file(make_url(uri).database)
     else:
         # What a transaction-mode pooler (PgBouncer, RDS Proxy) accepts: no startup options (the lock
-        # timeout is set inside the transaction that takes a lock, tokens.py) and no server-side prepared
+        # timeout is set inside the transaction that takes a lock, locking.py) and no server-side prepared
         # statements, which the pooler would send to another server connection.
         # TCP keepalives find a server that vanished without a word (a host lost, a failover) under a pooled
         # connection within about a minute, so the check below replaces it before use.

@@ -11,12 +11,15 @@ from urllib.parse import urljoin
 from flask import Blueprint, Response, abort, current_app, g, make_response, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
-import backchannel
 import downscope
+import events
+import grants
 import sessions
 import tokens
+from grants import SignInRequired
+from locking import LockTimeout
 from models import db
-from provider import InvalidGrant, ProviderRejected, ProviderUnavailable
+from provider import InvalidGrant, ProviderError, ProviderRejected, ProviderUnavailable
 from redirects import safe_next
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
@@ -97,7 +100,7 @@ def callback() -> Response:
     try:
         grant = provider.exchange_code(args["code"], redirect_uri(), flow["verifier"])
         if not grant.refresh_token:
-            tokens.revoke([(grant.access_token, "access_token")])
+            grants.revoke([(grant.access_token, "access_token")])
             if flow.get("silent"):
                 # Some providers (oidc-provider) drop offline_access without consent: the person must interact.
                 return _failed(200, "Please sign in again", SILENT_FAILED, retry=again)
@@ -115,27 +118,24 @@ def callback() -> Response:
     subject = str(subject) if isinstance(subject, str | int) and not isinstance(subject, bool) else ""
     if not subject or _storable(subject) != subject:
         # The subject is the person's identity: cleaning it could make two people one. Keep nothing of the grant.
-        tokens.revoke([(grant.refresh_token, "refresh_token"), (grant.access_token, "access_token")])
+        grants.revoke([(grant.refresh_token, "refresh_token"), (grant.access_token, "access_token")])
         if not subject:
             return _failed(400, "The provider did not say who you are.", "Please start again.", retry=again)
         return _failed(400, "The provider named you in a way this app cannot store.", "Please contact the app's administrator.")
 
     if g.get("session") is not None and g.user.subject != subject:
         # Someone else signed in on this browser: the previous person is signed out here, as by "Sign out".
-        tokens.revoke(tokens.end_sessions(g.session.user_id, {g.session_id_hash}))
+        grants.revoke(grants.end_sessions(g.session.user_id, {g.session_id_hash}))
     elif g.get("session_id_hash"):
         sessions.end(g.session_id_hash)  # a new id at every sign-in (no session fixation), live or ended
-    user = tokens.save_sign_in(subject, _storable(info.get("name")), _storable(info.get("email")), grant)
-    cookie = sessions.start(user, provider_sid=backchannel.sid_of(grant.id_token))
+    user = grants.save_sign_in(subject, _storable(info.get("name")), _storable(info.get("email")), grant)
+    cookie = sessions.start(user, provider_sid=grant.sid)
     db.session.commit()
     _prefetch_viewer_token(user)
     response = redirect(flow["next"])
     sessions.set_cookie(response, cookie, user.refresh_expires_at)
     return response
 
-
-# Marks the viewer token's refresh at sign-in, so the session page can say why a fresh sign-in shows one rotation.
-SIGN_IN_TRIGGER = "(sign-in)"
 
 # Claims are stored in String(255) columns.
 CLAIM_LENGTH = 255
@@ -157,8 +157,8 @@ def _prefetch_viewer_token(user) -> None:
     if scope is None or not set(scope.split()) <= set(current_app.config["OAUTH_SCOPES"].split()):
         return
     try:
-        tokens.viewer_token(user, trigger=f"{request.method} {request.path} {SIGN_IN_TRIGGER}")
-    except (tokens.RefreshUnavailable, tokens.RefreshRefused, tokens.SignInRequired) as exc:
+        tokens.viewer_token(user, trigger=f"{request.method} {request.path} {events.AT_SIGN_IN}")
+    except (ProviderError, LockTimeout, SignInRequired) as exc:
         # The page that needs it will try again; the sign-in itself stands.
         current_app.logger.warning("viewer token not fetched at sign-in: %s", type(exc).__name__)
 
@@ -198,7 +198,7 @@ def _end_sessions(chosen: set[str] | None, next_path: str = "/") -> Response:
         return response
     this_ended = chosen is None or g.session_id_hash in chosen
     # The local state goes first and for good; the provider is told afterwards, best effort.
-    tokens.revoke(tokens.end_sessions(g.session.user_id, chosen))
+    grants.revoke(grants.end_sessions(g.session.user_id, chosen))
     at_provider = provider_logout_url() if this_ended else None
     response = redirect(at_provider or (url_for("pages.home") if this_ended else next_path))
     if this_ended:

@@ -4,7 +4,7 @@ The provider POSTs a logout token (a signed JWT) to /auth/backchannel-logout. It
 of the spec says: signature against the provider's JWKS (from discovery), iss, aud, iat, the
 back-channel logout event, sub and/or sid, no nonce, and a jti not seen before. Then the sessions it
 names end: those with its sid (or, for a token with only sub, all of the person's), and with the
-last of them the grant is forgotten and revoked, exactly as a sign-out here (tokens.end_sessions).
+last of them the grant is forgotten and revoked, exactly as a sign-out here (grants.end_sessions).
 The request carries no cookie and no CSRF token: the provider's signature is what authenticates it.
 """
 
@@ -20,7 +20,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 
-import tokens
+import grants
 from models import SeenLogoutToken, User, UserSession, db, utcnow
 
 log = logging.getLogger("backchannel")
@@ -185,20 +185,9 @@ def end_sessions(sub: str | None, sid: str | None) -> int:
         chosen.setdefault(user_id, set()).add(id_hash)
     db.session.commit()
     for user_id, id_hashes in chosen.items():
-        tokens.revoke(tokens.end_sessions(user_id, None if sid is None else id_hashes))
+        grants.revoke(grants.end_sessions(user_id, None if sid is None else id_hashes))
     return sum(len(hashes) for hashes in chosen.values())
 
 
 def _refuse(reason: str) -> tuple[Response, int]:
     return jsonify(error="invalid_request", error_description=reason), 400
-
-
-def sid_of(id_token: str | None) -> str | None:
-    """Read the sid claim of an ID token received straight from the token endpoint (OIDC Core §3.1.3.7 lets TLS vouch for it)."""
-    if not id_token:
-        return None
-    try:
-        sid = jwt.decode(id_token, options={"verify_signature": False}).get("sid")
-    except jwt.PyJWTError:
-        return None
-    return sid if _text(sid) else None

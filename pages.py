@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 from flask import Blueprint, Response, abort, current_app, g, jsonify, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
+import events
 import proxy
-from auth import SIGN_IN_TRIGGER
+from grants import REFRESH_TOKEN_LIFETIME
 from models import RefreshEvent, User, UserSession, db, utcnow
 from redirects import safe_next
-from tokens import REFRESH_TOKEN_LIFETIME
 
 bp = Blueprint("pages", __name__)
 
@@ -113,11 +113,9 @@ def lifecycle(user: User) -> dict:
     """Return the times that keep the person signed in, as seconds from now and ISO instants."""
     now = utcnow()
     leeway = current_app.config["TOKEN_REFRESH_LEEWAY"]
-    events = (
-        db.session.execute(select(RefreshEvent).where(RefreshEvent.user_id == user.id).order_by(RefreshEvent.id.desc()).limit(RECENT_REFRESHES)).scalars().all()
-    )
-    access_issued = last_issued(user, "access")
-    viewer_issued = last_issued(user, "viewer")
+    recent = events.recent(user.id, RECENT_REFRESHES)
+    access_issued = events.last_issued(user, "access")
+    viewer_issued = events.last_issued(user, "viewer")
     sessions = db.session.execute(select(func.count()).where(UserSession.user_id == user.id, UserSession.expires_at > now)).scalar_one()
 
     def since(moment: datetime | None) -> float | None:
@@ -154,7 +152,7 @@ def lifecycle(user: User) -> dict:
             "expires_in": until(user.refresh_expires_at),
             "lifetime": int(REFRESH_TOKEN_LIFETIME.total_seconds()),
             "rotations": user.refresh_rotations,
-            "last_rotation": _last_rotation(events),
+            "last_rotation": _last_rotation(recent),
         },
         "viewer": {
             "issued_ago": since(viewer_issued) if user.viewer_expires_at else None,
@@ -173,31 +171,19 @@ def lifecycle(user: User) -> dict:
                 "waiters": e.waiters,
                 "duration_ms": e.duration_ms,
             }
-            for e in events
+            for e in recent
         ],
     }
 
 
-def _last_rotation(events: list[RefreshEvent]) -> str:
+def _last_rotation(recent: list[RefreshEvent]) -> str:
     """Say which refresh last rotated the refresh token: right after sign-in it is the viewer token's."""
-    last = next((e for e in events if e.outcome == "refreshed"), None)
+    last = next((e for e in recent if e.outcome == events.Outcome.REFRESHED), None)
     if last is None:
         return ""
-    if last.kind == "viewer" and last.trigger.endswith(SIGN_IN_TRIGGER):
+    if events.at_sign_in(last):
         return "Last: the viewer token's refresh at sign-in."
     return f"Last: the {last.kind} token's refresh, by {last.trigger}."
-
-
-def last_issued(user: User, kind: str) -> datetime | None:
-    """Return when the person's access (or viewer) token was last refreshed."""
-    query = select(func.max(RefreshEvent.at)).where(RefreshEvent.user_id == user.id, RefreshEvent.kind == kind, RefreshEvent.outcome == "refreshed")
-    latest = db.session.execute(query).scalar_one_or_none()
-    if latest is not None and latest.tzinfo is None:
-        latest = latest.replace(tzinfo=UTC)  # SQLite's max() bypasses the column type
-    # A sign-in after the last refresh issued the current token.
-    if latest is None or (user.signed_in_at and user.signed_in_at > latest):
-        return user.signed_in_at
-    return latest
 
 
 def _iso(moment: datetime | None) -> str | None:

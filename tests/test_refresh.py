@@ -416,8 +416,8 @@ def test_a_pooled_connection_is_used_without_a_ping_and_replaced_when_its_server
         engine.dialect.do_ping = ping
 
 
-def test_a_refresh_reads_the_person_once_and_on_postgresql_writes_once(app, client):
-    """The locked read brings the person's latest refusal along; on PostgreSQL the tokens, the sessions' expiry and the event are one statement."""
+def test_a_refresh_stores_the_tokens_the_sessions_expiry_and_its_event_in_one_locked_transaction(app, client):
+    """Read under the lock, write the rotation, the event in a savepoint of its own, then one commit: a crash loses all or nothing."""
     with app.app_context():
         engine = db.engine
     sign_in(client)
@@ -438,15 +438,9 @@ def test_a_refresh_reads_the_person_once_and_on_postgresql_writes_once(app, clie
         event.remove(engine, "before_cursor_execute", note)
         event.remove(engine, "commit", note_commit)
     locked = next(i for i, s in enumerate(statements) if "FOR UPDATE" in s or s == "BEGIN IMMEDIATE")
-    rotation = statements[locked : statements.index("COMMIT", locked)]
-    if engine.dialect.name == "postgresql":
-        read, writes = rotation[0], rotation[1:]
-        assert len(writes) == 1 and writes[0].startswith("WITH person AS (UPDATE users"), rotation
-        assert "UPDATE user_sessions" in writes[0] and "INSERT INTO refresh_events" in writes[0]
-    else:
-        read = rotation[1]
-        assert [s.split()[0] for s in rotation] == ["BEGIN", "SELECT", "UPDATE", "UPDATE", "INSERT"], rotation
-    assert "FROM refresh_events" in read  # the latest refusal, read with the locked row
+    rotation = [s.split()[:3] for s in statements[locked : statements.index("COMMIT", locked)] if not s.startswith("BEGIN")]
+    assert [words[0] for words in rotation[1:]] == ["SELECT", "UPDATE", "UPDATE", "SAVEPOINT", "INSERT", "RELEASE"], rotation
+    assert [rotation[2][1], rotation[3][1], rotation[5][2]] == ["users", "user_sessions", "refresh_events"]
 
 
 def test_requests_queued_behind_a_refused_refresh_take_its_answer_without_asking_again(app_factory, standin, monkeypatch):
