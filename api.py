@@ -8,22 +8,26 @@ import bearer
 import csrf
 import downscope
 import events
+import policy
 import tokens
 from models import utcnow
+from sessions import Person
 
 bp = Blueprint("api", __name__)
 
 
 @bp.get("/healthz")
+@policy.no_session
 def healthz():
     return jsonify(status="ok")
 
 
 @bp.get("/api/session")
+@policy.passive
 def session():
     """Describe the sign-in for a front end: who, how fresh, and how to sign out; never a token.
 
-    Reading it does not keep the session alive (app.PASSIVE_ENDPOINTS): no last-seen write, no
+    Reading it does not keep the session alive (policy.passive): no last-seen write, no
     refresh, no cookie renewal. A page may poll it; the session still ends when the person is gone.
     """
     user = _signed_in()
@@ -58,9 +62,9 @@ def _refreshed_at(user, at: datetime | None, outcome: str | None) -> datetime | 
 @bp.get("/api/profile")
 def profile():
     """Call the provider's userinfo with the person's access token, proving the backend holds a working one."""
-    user = _signed_in()
+    _signed_in()
     userinfo = current_app.extensions["provider"].userinfo
-    return jsonify(bearer.call_with_access_token(user, userinfo, trigger=f"{request.method} {request.path}"))
+    return jsonify(bearer.call_with_access_token(g.account(), userinfo, trigger=f"{request.method} {request.path}"))
 
 
 @bp.get("/api/viewer-token")
@@ -70,13 +74,13 @@ def viewer_token():
     if downscope.viewer_scope(user) is None:
         message = "This app hands out no viewer token: OAUTH_VIEWER_SCOPE is empty, or the provider narrows the whole grant when asked for one."
         return jsonify(error="viewer_token_off", message=message), 404
-    token = tokens.viewer_token(user, trigger=f"{request.method} {request.path}")
+    token = tokens.viewer_token(g.account(), trigger=f"{request.method} {request.path}")
     expires_in = max(0, int((token.expires_at - utcnow()).total_seconds()))
     return jsonify(access_token=token.access_token, expires_in=expires_in, scope=token.scope)
 
 
-def _signed_in():
-    if g.get("user") is None:
+def _signed_in() -> Person:
+    if g.user is None:
         abort(401)
     return g.user
 

@@ -21,6 +21,7 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 
 import grants
+import policy
 from models import SeenLogoutToken, User, UserSession, db, utcnow
 
 log = logging.getLogger("backchannel")
@@ -81,6 +82,8 @@ class ProviderKeys:
 
 
 @bp.post("/auth/backchannel-logout")
+@policy.no_session
+@policy.rate_limited("backchannel_limiter")
 def logout() -> tuple[Response, int] | Response:
     """End the sessions a valid logout token names; answer 200, or 400 with the reason (§2.8)."""
     endpoints = current_app.extensions["provider"].endpoints
@@ -99,6 +102,26 @@ def logout() -> tuple[Response, int] | Response:
 
 def validate(token: str, issuer: str, jwks_url: str) -> dict:
     """Return the claims of a logout token that passes every check of Back-Channel Logout 1.0 §2.6."""
+    alg, key = _signing_key(token, jwks_url)
+    try:
+        # The key itself, not the PyJWK, which would insist on one algorithm when the JWKS names none.
+        claims = jwt.decode(
+            token,
+            key.key,
+            algorithms=[alg],
+            audience=current_app.config["OAUTH_CLIENT_ID"],
+            issuer=issuer,
+            leeway=CLOCK_SKEW,
+            options={"require": ["iss", "aud", "iat", "jti"]},
+        )
+    except jwt.PyJWTError as exc:
+        raise InvalidLogoutToken(f"the token does not verify ({type(exc).__name__})") from None
+    _check_claims(claims)
+    return claims
+
+
+def _signing_key(token: str, jwks_url: str) -> tuple[str, jwt.PyJWK]:
+    """Return the algorithm a logout token's header names, and the provider's key that must have signed it."""
     if not token or len(token) > MAX_TOKEN_LENGTH:
         raise InvalidLogoutToken("logout_token is missing or too long")
     try:
@@ -113,20 +136,11 @@ def validate(token: str, issuer: str, jwks_url: str) -> dict:
         raise InvalidLogoutToken(f"a {typ!r} token is not a logout token")
     keys = current_app.extensions.setdefault("logout_keys", ProviderKeys(jwks_url))
     kid = header.get("kid")
-    key = keys.key_for(kid if isinstance(kid, str) else None, alg)
-    try:
-        # The key itself, not the PyJWK, which would insist on one algorithm when the JWKS names none.
-        claims = jwt.decode(
-            token,
-            key.key,
-            algorithms=[alg],
-            audience=current_app.config["OAUTH_CLIENT_ID"],
-            issuer=issuer,
-            leeway=CLOCK_SKEW,
-            options={"require": ["iss", "aud", "iat", "jti"]},
-        )
-    except jwt.PyJWTError as exc:
-        raise InvalidLogoutToken(f"the token does not verify ({type(exc).__name__})") from None
+    return alg, keys.key_for(kid if isinstance(kid, str) else None, alg)
+
+
+def _check_claims(claims: dict) -> None:
+    """Refuse a verified token whose claims are not a logout token's (§2.4, §2.6)."""
     events = claims.get("events")
     if not isinstance(events, dict) or not isinstance(events.get(EVENT), dict):
         raise InvalidLogoutToken("the token carries no back-channel logout event")
@@ -143,7 +157,6 @@ def validate(token: str, issuer: str, jwks_url: str) -> dict:
         raise InvalidLogoutToken("iat is not a time") from None
     if issued_at < utcnow() - MAX_AGE - CLOCK_SKEW:
         raise InvalidLogoutToken("the token is too old")
-    return claims
 
 
 def _text(value: object) -> bool:

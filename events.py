@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -17,13 +17,23 @@ from sqlalchemy.exc import SQLAlchemyError
 import locking
 from models import RefreshEvent, User, db, utcnow
 
-if TYPE_CHECKING:
-    from tokens import Attempt
-
 log = logging.getLogger("tokens")
 
 # Marks the viewer token's refresh at sign-in, so the session page can say why a fresh sign-in shows one rotation.
 AT_SIGN_IN = "(sign-in)"
+
+
+class Attempt(Protocol):
+    """What an event tells of one request's attempt to get a fresh token (tokens.Attempt)."""
+
+    user_id: int
+    kind: str
+    trigger: str
+    started: float  # time.monotonic()
+    lock_wait: float  # seconds
+    waited: bool  # for another request's refresh
+    holds_turn: bool
+    provider_ms: float | None
 
 
 class Outcome(enum.StrEnum):
@@ -40,7 +50,7 @@ class Outcome(enum.StrEnum):
     TOKEN_REJECTED = "token_rejected"  # a resource server refuses even a fresh access token (bearer.py)
 
 
-def record(attempt: "Attempt", outcome: Outcome, *, cause: str | None = None, reason: str = "", write: bool = True) -> None:
+def record(attempt: Attempt, outcome: Outcome, *, cause: str | None = None, reason: str = "", write: bool = True) -> None:
     """Record what became of an attempt and end its transaction: the event row, the commit (the locks go with it), one log line.
 
     The row is written in a savepoint, so a refused row never takes the rest of the transaction
@@ -54,7 +64,7 @@ def record(attempt: "Attempt", outcome: Outcome, *, cause: str | None = None, re
     _log(attempt, outcome, seconds, cause, reason)
 
 
-def _write(attempt: "Attempt", outcome: Outcome, cause: str | None, seconds: float) -> None:
+def _write(attempt: Attempt, outcome: Outcome, cause: str | None, seconds: float) -> None:
     row = {
         "user_id": attempt.user_id,
         "at": utcnow(),
@@ -73,7 +83,7 @@ def _write(attempt: "Attempt", outcome: Outcome, cause: str | None, seconds: flo
         log.warning(json.dumps({"event": "refresh_event_not_recorded", "user_id": attempt.user_id, "reason": type(exc).__name__}))
 
 
-def _log(attempt: "Attempt", outcome: Outcome, seconds: float, cause: str | None, reason: str) -> None:
+def _log(attempt: Attempt, outcome: Outcome, seconds: float, cause: str | None, reason: str) -> None:
     """Write one structured line per attempt; never a token."""
     fields = {
         "event": "token_refresh",

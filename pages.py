@@ -9,7 +9,7 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, redirect,
 from sqlalchemy import func, select
 
 import events
-import proxy
+import upstream
 from grants import REFRESH_TOKEN_LIFETIME
 from models import RefreshEvent, User, UserSession, db, utcnow
 from redirects import safe_next
@@ -39,7 +39,7 @@ def login_required(view: Callable) -> Callable:
 
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
-        if g.get("user") is None:
+        if g.user is None:
             return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?"))))
         return view(*args, **kwargs)
 
@@ -48,14 +48,14 @@ def login_required(view: Callable) -> Callable:
 
 @bp.get("/")
 def home():
-    return render_template("home.html", user=g.get("user"))
+    return render_template("home.html", user=g.user)
 
 
 @bp.get("/session")
 @login_required
 def session_page():
     """Show the person's tokens as a live timeline (static/lifecycle.js keeps it current)."""
-    return render_template("session.html", life=lifecycle(g.user))
+    return render_template("session.html", life=lifecycle(g.account()))
 
 
 @bp.get("/api/lifecycle")
@@ -65,16 +65,16 @@ def lifecycle_json():
     Polling this goes through the before-request hook like any request, so when the access token
     is due, this very request refreshes it, and the answer shows that refresh.
     """
-    if g.get("user") is None:
+    if g.user is None:
         abort(401)
-    return jsonify(lifecycle(g.user))
+    return jsonify(lifecycle(g.account()))
 
 
 @bp.get("/devices")
 @login_required
 def devices():
     now = utcnow()
-    live = sorted((s for s in g.user.sessions if s.expires_at > now), key=lambda s: s.last_seen_at, reverse=True)
+    live = sorted((s for s in g.account().sessions if s.expires_at > now), key=lambda s: s.last_seen_at, reverse=True)
     rows = [{"session": s, "browser": describe_agent(s.user_agent), "this": s.id_hash == g.session.id_hash} for s in live]
     return render_template("devices.html", rows=rows)
 
@@ -83,7 +83,7 @@ def devices():
 @login_required
 def browse():
     """Show the person's hubs as a tree that static/browse.js fills, level by level, through /api/aps/."""
-    return render_template("browse.html", upstream=proxy.api_base() or "", api_prefix=proxy.PREFIX)
+    return render_template("browse.html", upstream=upstream.api_base() or "", api_prefix=upstream.PREFIX)
 
 
 @bp.get("/viewer")
@@ -125,7 +125,7 @@ def lifecycle(user: User) -> dict:
         return None if moment is None else round((moment - now).total_seconds(), 1)
 
     access_refresh_at = user.access_expires_at - timedelta(seconds=leeway) if user.access_expires_at else None
-    here = g.get("session")
+    here = g.session
     here_since = None if here is None else db.session.execute(select(UserSession.created_at).where(UserSession.id_hash == here.id_hash)).scalar_one_or_none()
     # The person's latest sign-in may have been on another device: each sign-in there shows here too.
     elsewhere = here_since is not None and user.signed_in_at is not None and here_since < user.signed_in_at - timedelta(seconds=1)

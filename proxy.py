@@ -1,30 +1,23 @@
 """Forward the browser's GET /api/aps/<path> to the provider's API host, with the person's access token attached.
 
-Only paths on the allow-list (APS_PROXY_PATHS) leave this server, checked segment by segment on
-the address as the client sent it, before any decoding a server might do differently: a dot
-segment, an encoded slash or backslash, or a doubly encoded character is refused, not passed on.
-The query string goes through with its encoding as it came. The answer comes back with its status,
+Only allow-listed paths leave this server (upstream.py says which). The answer comes back with its status,
 JSON body and a few harmless headers, never the upstream's cookies or authentication headers, and
 only if it arrives whole within APS_PROXY_TIMEOUT seconds and APS_PROXY_MAX_BYTES bytes.
 """
 
 import json
-import re
 import time
 from dataclasses import dataclass
-from urllib.parse import quote, quote_from_bytes, unquote
 
 import requests
 from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 
 import bearer
+import upstream
 from provider import InvalidGrant
 
 bp = Blueprint("proxy", __name__)
 
-PREFIX = "/api/aps/"
-# What a decoded path segment may hold: APS ids are like b.1a2b-3c or urn:adsk.wipprod:fs.folder:co.Ab_9.
-SEGMENT = re.compile(r"[A-Za-z0-9._:~-]+")
 # Upstream headers a browser may see; cookies, authentication challenges and the rest stay here.
 SAFE_HEADERS = ("ETag", "Last-Modified", "Retry-After")
 JSON_TYPES = ("application/json", "application/vnd.api+json")
@@ -47,55 +40,23 @@ class Answer:
     headers: dict[str, str]
 
 
-@bp.get("/api/aps/<path:path>")
+@bp.get(f"{upstream.PREFIX}<path:path>")
 def forward(path: str) -> Response:
     """Answer with the API host's answer to the same GET, if its path is on the allow-list."""
-    base = api_base()
-    target = allowed_target()
+    base = upstream.api_base()
+    target = upstream.allowed_target()
     if base is None or target is None:
         abort(404, "This API path is not forwarded.")
-    if g.get("user") is None:
+    if g.user is None:
         abort(401)
     url = f"{base}/{target}"
     try:
-        answer = bearer.call_with_access_token(g.user, lambda token: fetch(url, token), trigger=f"GET {request.path}")
+        answer = bearer.call_with_access_token(g.account(), lambda token: fetch(url, token), trigger=f"GET {request.path}")
     except UpstreamFailed as exc:
         return jsonify(error=exc.error, message=exc.message), exc.status
     response = Response(answer.body, status=answer.status, content_type=answer.content_type)
     response.headers.update(answer.headers)
     return response
-
-
-def api_base() -> str | None:
-    """Return the API host's base URL: APS_API_URL, else the APS (or stand-in) issuer; None for other providers."""
-    config = current_app.config
-    if config.get("APS_API_URL"):
-        return config["APS_API_URL"]
-    return config["OAUTH_ISSUER"].rstrip("/") if config["OAUTH_PROVIDER"] in ("standin", "autodesk") else None
-
-
-def allowed_target() -> str | None:
-    """Return the path and query to ask upstream, as the client wrote them, or None when not allowed."""
-    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI")
-    path = raw.partition("?")[0] if raw else quote(request.path)
-    if not path.startswith("/"):
-        path = "/" + path.split("://", 1)[-1].partition("/")[2]  # absolute-form request target
-    if not path.startswith(PREFIX):
-        return None
-    segments = path[len(PREFIX) :].split("/")
-    decoded = [unquote(s) for s in segments]
-    if not all(SEGMENT.fullmatch(s) and s.strip(".") for s in decoded):
-        return None  # empty, dot-only, encoded slash or backslash, double encoding, anything unusual
-    if not any(_matches(template, decoded) for template in current_app.config["APS_PROXY_PATHS"]):
-        return None
-    # Reserved characters and existing escapes stay as sent; anything a URL may not hold is escaped.
-    query = quote_from_bytes(request.query_string, safe="/?:@!$&'()*+,;=-._~%[]")
-    return "/".join(segments) + (f"?{query}" if query else "")
-
-
-def _matches(template: str, segments: list[str]) -> bool:
-    parts = template.split("/")
-    return len(parts) == len(segments) and all(p in ("*", s) for p, s in zip(parts, segments, strict=True))
 
 
 def fetch(url: str, access_token: str) -> Answer:
