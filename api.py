@@ -7,23 +7,27 @@ from flask import Blueprint, abort, current_app, g, jsonify, request, url_for
 import bearer
 import csrf
 import downscope
-import pages
+import events
+import policy
 import tokens
 from models import utcnow
+from sessions import Person
 
 bp = Blueprint("api", __name__)
 
 
 @bp.get("/healthz")
+@policy.no_session
 def healthz():
     return jsonify(status="ok")
 
 
 @bp.get("/api/session")
+@policy.passive
 def session():
     """Describe the sign-in for a front end: who, how fresh, and how to sign out; never a token.
 
-    Reading it does not keep the session alive (app.PASSIVE_ENDPOINTS): no last-seen write, no
+    Reading it does not keep the session alive (policy.passive): no last-seen write, no
     refresh, no cookie renewal. A page may poll it; the session still ends when the person is gone.
     """
     user = _signed_in()
@@ -39,7 +43,7 @@ def session():
         access_token_fresh=not tokens.is_stale(expires_at),
         access_token_refreshed_at=_iso(_refreshed_at(user, at, outcome)),
         last_refresh=None if at is None else {"at": _iso(at), "outcome": outcome},
-        last_refresh_failed=at is not None and outcome != "refreshed",
+        last_refresh_failed=at is not None and outcome != events.Outcome.REFRESHED,
         session_expires_at=_iso(g.session.expires_at),
         sign_out_url=url_for("auth.logout"),
         csrf_token=csrf.token(),
@@ -50,17 +54,17 @@ def _refreshed_at(user, at: datetime | None, outcome: str | None) -> datetime | 
     """Return when the access token in use was issued, from the latest attempt when that one succeeded (no query)."""
     if at is None:
         return user.signed_in_at  # no refresh since the sign-in, which issued it
-    if outcome == "refreshed":
+    if outcome == events.Outcome.REFRESHED:
         return at
-    return pages.last_issued(user, "access")  # the latest attempt failed: look further back
+    return events.last_issued(user, "access")  # the latest attempt failed: look further back
 
 
 @bp.get("/api/profile")
 def profile():
     """Call the provider's userinfo with the person's access token, proving the backend holds a working one."""
-    user = _signed_in()
+    _signed_in()
     userinfo = current_app.extensions["provider"].userinfo
-    return jsonify(bearer.call_with_access_token(user, userinfo, trigger=f"{request.method} {request.path}"))
+    return jsonify(bearer.call_with_access_token(g.account(), userinfo, trigger=f"{request.method} {request.path}"))
 
 
 @bp.get("/api/viewer-token")
@@ -70,13 +74,13 @@ def viewer_token():
     if downscope.viewer_scope(user) is None:
         message = "This app hands out no viewer token: OAUTH_VIEWER_SCOPE is empty, or the provider narrows the whole grant when asked for one."
         return jsonify(error="viewer_token_off", message=message), 404
-    token = tokens.viewer_token(user, trigger=f"{request.method} {request.path}")
+    token = tokens.viewer_token(g.account(), trigger=f"{request.method} {request.path}")
     expires_in = max(0, int((token.expires_at - utcnow()).total_seconds()))
     return jsonify(access_token=token.access_token, expires_in=expires_in, scope=token.scope)
 
 
-def _signed_in():
-    if g.get("user") is None:
+def _signed_in() -> Person:
+    if g.user is None:
         abort(401)
     return g.user
 

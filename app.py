@@ -25,22 +25,24 @@ import csrf
 import housekeeping
 import keys
 import limits
+import locking
 import logs
 import metrics
 import pages
+import policy
 import proxy
 import sessions
 import signout
 import standin
 import tokens
+from grants import SignInRequired
+from locking import LockTimeout
 from models import db
-from provider import BackChannel, Provider, aps_endpoints, discover
+from provider import BackChannel, Provider, ProviderError, ProviderRejected, aps_endpoints, discover
 from redirects import safe_next
 from standin.inprocess import WSGIAdapter
 from standin.store import private_sqlite_file
 
-# Endpoints that never extend a session: a tab left open polling them lets the session end when the person is gone.
-PASSIVE_ENDPOINTS = {"api.session"}
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 # Where Flask puts this app's instance folder (development secrets, SQLite files).
 INSTANCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance")
@@ -51,10 +53,12 @@ DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
 def create_app(test_config: dict | None = None) -> Flask:
     """Create the app; a configuration error stops start-up with one sentence naming the variable."""
     app = Flask(__name__, instance_relative_config=True)
+    app.app_ctx_globals_class = sessions.RequestState
     try:
         app.config.update(load_config(app.instance_path, test_config))
         app.extensions["token_cipher"] = _cipher(app.config["TOKEN_ENCRYPTION_KEYS"])
         _init_database(app)
+        locking.init_app(app)
         _init_provider(app)
         _trust_proxies(app)
         limits.init_app(app)  # before load_person: a refused request costs no database work
@@ -68,6 +72,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.session_interface = sessions.NoFlaskSession()
     # Browsers ask every site for /favicon.ico: a static file like the others, at the root.
     app.add_url_rule("/favicon.ico", endpoint="static", defaults={"filename": "favicon.ico"})
+    _serve_static_without_session(app)
     app.register_blueprint(pages.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
@@ -76,11 +81,12 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(metrics.bp)
     app.before_request(load_person)
     app.after_request(security_headers)
-    app.after_request(sessions.slide_cookie)
+    app.after_request(sessions.update_cookie)
     signout.init_app(app)
-    app.register_error_handler(tokens.SignInRequired, sign_in_required)
-    app.register_error_handler(tokens.RefreshUnavailable, provider_unavailable)
-    app.register_error_handler(tokens.RefreshRefused, provider_refused)
+    app.register_error_handler(SignInRequired, sign_in_required)
+    app.register_error_handler(ProviderError, provider_unavailable)
+    app.register_error_handler(ProviderRejected, provider_refused)
+    app.register_error_handler(LockTimeout, lock_timeout)
     app.register_error_handler(HTTPException, http_error)
     # A connection refused or cut (a restart) is an outage, not a bug: other database errors stay 500s.
     app.register_error_handler(OperationalError, database_unavailable)
@@ -107,34 +113,40 @@ def load_config(instance_path: str = INSTANCE, test_config: dict | None = None) 
 
 
 def load_person() -> Response | None:
-    """Resolve the session cookie to a person and make sure their access token is fresh."""
-    g.session = g.user = g.session_id_hash = None
-    if request.endpoint in ("static", "api.healthz", "metrics.metrics"):
+    """Resolve the session cookie to a person and make sure their access token is fresh, as the view's policy says."""
+    g.reset()
+    rules = policy.current()
+    if not rules.reads_session:
         return None
     found = sessions.load()
-    session, person = found or (None, None)
-    if session is not None:
-        g.session_id_hash = session.id_hash
-        if not sessions.is_live(session):
+    if found is not None:
+        g.cookie_session, person = found
+        if sessions.is_live(g.cookie_session):
+            g.session, g.user = g.cookie_session, person
+        elif rules.refreshes and request.method == "GET" and not policy.answers_json() and current_app.config["SILENT_SIGN_IN"]:
             # The grant behind it died: a page goes through the provider again, silently if it can.
-            if request.method == "GET" and request.blueprint == "pages" and current_app.config["SILENT_SIGN_IN"]:
-                g.drop_session_cookie = True
-                return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=1))
-            session = None
-    # A session status a page may poll reads the session without keeping it alive: no last-seen, no refresh.
-    g.passive = request.endpoint in PASSIVE_ENDPOINTS
-    if session is not None:
-        g.session, g.user = session, person
-        if not g.passive:
-            sessions.touch(session)
-    elif request.cookies.get(sessions.cookie_name()) and g.session_id_hash is None:
-        g.drop_session_cookie = True  # tampered or unknown: simply signed out
+            g.cookie = sessions.Cookie.DROP
+            return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=1))
+    elif request.cookies.get(sessions.cookie_name()):
+        g.cookie = sessions.Cookie.DROP  # tampered or unknown: simply signed out
         if sessions.issued_here():
-            g.signed_out = "elsewhere"  # a sign-out on another device (or at the provider) ended it: say so
+            g.sign_out_reason = "elsewhere"  # a sign-out on another device (or at the provider) ended it: say so
+    if g.session is not None and rules.keeps_alive:
+        sessions.touch(g.session)
     csrf.protect()
-    if g.user is not None and not g.passive and request.endpoint not in ("auth.logout", "auth.logout_everywhere", "auth.callback"):
-        g.user = tokens.ensure_fresh_access_token(g.user, trigger=f"{request.method} {request.path}")
+    if g.user is not None and rules.refreshes and tokens.is_stale(g.user.access_expires_at):
+        g.account_row = tokens.refresh(g.user.id, "access", trigger=f"{request.method} {request.path}")
     return None
+
+
+def _serve_static_without_session(app: Flask) -> None:
+    serve = app.send_static_file
+
+    @policy.no_session
+    def static(filename: str) -> Response:
+        return serve(filename)
+
+    app.view_functions["static"] = static
 
 
 def security_headers(response: Response) -> Response:
@@ -153,26 +165,24 @@ def security_headers(response: Response) -> Response:
         headers["Cache-Control"] = "no-store"
     if current_app.config["SESSION_COOKIE_SECURE"]:
         headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
-    if g.get("drop_session_cookie"):
-        sessions.clear_cookie(response)
     return response
 
 
-def sign_in_required(exc: tokens.SignInRequired) -> Response:
+def sign_in_required(exc: SignInRequired) -> Response:
     """Send a person whose grant died back through sign-in (silently when the provider can), then to the same page."""
     db.session.rollback()
-    if g.get("session") is not None:
+    if g.session is not None:
         # No live orphan: a session left live would count as "still signed in here" at a later sign-out.
-        sessions.expire(g.session_id_hash)
+        sessions.expire(g.session.id_hash)
         db.session.commit()
         g.session = None
     if exc.notice:
-        g.drop_session_cookie = True  # the person should read why, not be signed in again unawares
+        g.cookie = sessions.Cookie.DROP  # the person should read why, not be signed in again unawares
         return _sign_in_again(exc.notice)
-    if _wants_json():
+    if policy.answers_json():
         # The cookie stays: the next page this browser opens resumes the sign-in silently.
         return jsonify(error="sign_in_required", message="Your sign-in has ended; please sign in again."), 401
-    g.drop_session_cookie = True
+    g.cookie = sessions.Cookie.DROP
     silent = 1 if request.method == "GET" and current_app.config["SILENT_SIGN_IN"] else None
     return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=silent))
 
@@ -180,53 +190,55 @@ def sign_in_required(exc: tokens.SignInRequired) -> Response:
 def _sign_in_again(notice: str) -> tuple[Response | str, int]:
     """Say why the sign-in ended, with one link through sign-in back to this page."""
     again = url_for("auth.login", next=safe_next(request.full_path.rstrip("?")))
-    g.user = g.session = None  # their sessions are gone: the page shows them signed out
-    if _wants_json():
+    g.signed_out()  # their sessions are gone: the page shows them signed out
+    if policy.answers_json():
         return jsonify(error="sign_in_required", message=notice, sign_in=again), 401
     return render_template("error.html", title="Please sign in again", detail=notice, retry=again), 401
 
 
-def provider_unavailable(exc: tokens.RefreshUnavailable) -> tuple[Response | str, int]:
+def provider_unavailable(exc: ProviderError) -> tuple[Response | str, int]:
     """Answer 503 and keep the session: the next request tries again."""
+    db.session.rollback()
     return _try_again("provider_unavailable", "The sign-in provider is not answering right now; you are still signed in, please try again in a moment.")
+
+
+def lock_timeout(exc: LockTimeout) -> tuple[Response | str, int]:
+    """Answer 503 and keep the session: another request held the person's lock for longer than a refresh may take."""
+    return _try_again("refresh_busy", "Your sign-in is still being renewed by another request; you are still signed in, please try again in a moment.")
 
 
 def database_unavailable(exc: SQLAlchemyError) -> tuple[Response | str, int]:
     """Answer 503 while the database is unreachable or restarting: nothing was lost, the next request tries again."""
     with contextlib.suppress(SQLAlchemyError):
         db.session.rollback()
-    g.user = g.session = None  # the page must not touch the database again to show who is signed in
+    g.signed_out()  # the page must not touch the database again to show who is signed in
     current_app.logger.warning("database unavailable: %s", type(getattr(exc, "orig", None) or exc).__name__)
     return _try_again("database_unavailable", "This app cannot reach its database right now; please try again in a moment.")
 
 
 def _try_again(error: str, message: str) -> tuple[Response | str, int]:
     """Answer 503 saying why, with a link that repeats the request."""
-    if _wants_json():
+    if policy.answers_json():
         return jsonify(error=error, message=message), 503
     # Only a local path: a crafted one (/%5Chost) would send the person elsewhere.
     retry = safe_next(request.full_path.rstrip("?"))
     return render_template("error.html", title="Please try again in a moment", detail=message, retry=retry), 503
 
 
-def provider_refused(exc: tokens.RefreshRefused) -> tuple[Response | str, int]:
+def provider_refused(exc: ProviderRejected) -> tuple[Response | str, int]:
     """Answer 403 naming the provider's refusal, and keep the session: asking again would get the same answer."""
     message = f"The sign-in provider refused to issue this token ({exc.error}); you are still signed in."
-    if _wants_json():
+    if policy.answers_json():
         return jsonify(error="provider_refused", cause=exc.error, message=message), 403
     return render_template("error.html", title="The sign-in provider refused this", detail=message, retry=None), 403
 
 
 def http_error(exc: HTTPException) -> tuple[Response | str, int]:
-    if _wants_json():
+    if policy.answers_json():
         if exc.code == 401:
             return jsonify(signed_in=False, error="not_signed_in", message="Sign in first."), 401
         return jsonify(error=exc.name.lower().replace(" ", "_"), message=exc.description), exc.code
     return render_template("error.html", title=exc.name, detail=exc.description, retry=None), exc.code
-
-
-def _wants_json() -> bool:
-    return request.path.startswith("/api/")
 
 
 def _cipher(keys: str) -> MultiFernet:
@@ -244,13 +256,13 @@ def _init_database(app: Flask) -> None:
     options.setdefault("hide_parameters", True)
     if uri.startswith("sqlite"):
         # A request waiting for another's refresh (or sign-in, or sign-out) waits for the write lock as long
-        # as a refresh may take, then gets a 503 (PostgreSQL's lock_timeout: tokens.py).
-        options.setdefault("connect_args", {"timeout": tokens.lock_wait(app.config)})
+        # as a refresh may take, then gets a 503 (PostgreSQL's lock_timeout: locking.py).
+        options.setdefault("connect_args", {"timeout": locking.lock_wait(app.config)})
         os.makedirs(app.instance_path, exist_ok=True)
         private_sqlite_file(make_url(uri).database)
     else:
         # What a transaction-mode pooler (PgBouncer, RDS Proxy) accepts: no startup options (the lock
-        # timeout is set inside the transaction that takes a lock, tokens.py) and no server-side prepared
+        # timeout is set inside the transaction that takes a lock, locking.py) and no server-side prepared
         # statements, which the pooler would send to another server connection.
         # TCP keepalives find a server that vanished without a word (a host lost, a failover) under a pooled
         # connection within about a minute, so the check below replaces it before use.

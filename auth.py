@@ -8,17 +8,21 @@ import time
 import unicodedata
 from urllib.parse import urljoin
 
-from flask import Blueprint, Response, abort, current_app, g, make_response, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, after_this_request, current_app, g, make_response, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
-import backchannel
 import downscope
+import events
+import grants
 import metrics
+import policy
 import sessions
 import signout
 import tokens
+from grants import SignInRequired
+from locking import LockTimeout
 from models import db
-from provider import InvalidGrant, ProviderRejected, ProviderUnavailable
+from provider import InvalidGrant, ProviderError, ProviderRejected, ProviderUnavailable, TokenResponse
 from redirects import safe_next
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
@@ -37,6 +41,8 @@ INTERACTION_ERRORS = {"login_required", "interaction_required", "consent_require
 
 
 @bp.get("/login")
+@policy.sign_in_flow
+@policy.rate_limited("signin_limiter")
 def login() -> Response:
     """Send the browser to the provider's authorize endpoint."""
     provider = current_app.extensions["provider"]
@@ -61,51 +67,81 @@ def login() -> Response:
 
 
 @bp.get("/callback")
+@policy.sign_in_flow
+@policy.rate_limited("signin_limiter")
 def callback() -> Response:
     """Finish sign-in: check state, exchange the code, read the person, start a session."""
     flows = _read_flows()
-    args = request.args
-    state = args.get("state", "")
+    flow = _use_flow(flows, request.args.get("state", ""))
+    answer = _unknown_flow(flows) if flow is None else _refused_reply(flow)
+    if answer is not None:
+        return answer
+    exchanged = _exchange(flow)
+    if isinstance(exchanged, Response):
+        return exchanged
+    return _sign_in(flow, *exchanged)
+
+
+def _use_flow(flows: dict, state: str) -> dict | None:
+    """Return this browser's sign-in that the state names; it is used up, whatever happens next."""
     flow = next((f for f in flows["open"] if _same(state, f["state"])), None)
     if flow is not None:
-        # This sign-in is used up, whatever happens next; the browser's other sign-ins stay open.
+        # The browser's other sign-ins stay open; this one is remembered as done, for a reloaded callback.
         flows["open"].remove(flow)
         flows["done"].append({"state": flow["state"], "next": flow["next"], "at": flow["at"]})
-        g.flows = flows
-    elif flows["unreadable"]:
-        g.flows = flows  # drop what cannot be read
-    again = url_for("auth.login", next=flow["next"]) if flow else None
-    if flow is None and g.get("user") is not None:
+    if flow is not None or flows["unreadable"]:  # drop what cannot be read
+
+        @after_this_request
+        def write_back(response: Response) -> Response:
+            _write_flows(response, flows)
+            return response
+
+    return flow
+
+
+def _unknown_flow(flows: dict) -> Response | tuple[str, int]:
+    """Answer a callback that none of this browser's open sign-ins expects."""
+    state = request.args.get("state", "")
+    done = next((f for f in flows["done"] if _same(state, f["state"])), None)
+    if g.user is not None and (done is not None or not flows["open"]):
         # Signed in already: a reloaded (or expired) callback is no error, the person goes where it led.
-        done = next((f for f in flows["done"] if _same(state, f["state"])), None)
-        if done is not None or not flows["open"]:
-            return redirect(done["next"] if done else url_for("pages.home"))
-    if "error" in args and flow is not None and flow.get("silent") and args["error"] in INTERACTION_ERRORS:
+        return redirect(done["next"] if done else url_for("pages.home"))
+    if "error" in request.args:
+        return _failed(400, "The provider did not sign you in.", _provider_error_text(request.args["error"]))
+    if not flows["open"]:
+        return _failed(400, "This sign-in expired or was started in another browser.", "Please start again.")
+    # Not one of this browser's sign-ins (forged, or a code meant for someone else): leave its own be.
+    return _failed(400, "This sign-in link is not the one this browser started.", "Please start again.")
+
+
+def _refused_reply(flow: dict) -> tuple[str, int] | None:
+    """Answer a reply that brings no code to exchange, or comes from another provider; None for one to exchange."""
+    args, again = request.args, url_for("auth.login", next=flow["next"])
+    if "error" in args and flow.get("silent") and args["error"] in INTERACTION_ERRORS:
         # The silent attempt found no live session at the provider: now the person signs in there.
         return _failed(200, "Please sign in again", SILENT_FAILED, retry=again)
     if "error" in args:
         return _failed(400, "The provider did not sign you in.", _provider_error_text(args["error"]), retry=again)
-    if flow is None and not flows["open"]:
-        return _failed(400, "This sign-in expired or was started in another browser.", "Please start again.")
-    if flow is None:
-        # Not one of this browser's sign-ins (forged, or a code meant for someone else): leave its own be.
-        return _failed(400, "This sign-in link is not the one this browser started.", "Please start again.")
-    provider = current_app.extensions["provider"]
-    if "iss" in args and args["iss"] != provider.endpoints.issuer:
+    if "iss" in args and args["iss"] != current_app.extensions["provider"].endpoints.issuer:
         # RFC 9207: the reply came from another authorization server than the one we asked.
         return _failed(400, "The sign-in reply came from an unexpected provider.", "Please start again.", retry=again)
     if not args.get("code"):
         return _failed(400, "The provider's reply had no authorization code.", "Please start again.", retry=again)
+    return None
 
+
+def _exchange(flow: dict) -> tuple[TokenResponse, dict] | Response:
+    """Exchange the code for a grant with lasting access and read who signed in; or answer why not."""
+    provider, again = current_app.extensions["provider"], url_for("auth.login", next=flow["next"])
     try:
-        grant = provider.exchange_code(args["code"], redirect_uri(), flow["verifier"])
+        grant = provider.exchange_code(request.args["code"], redirect_uri(), flow["verifier"])
         if not grant.refresh_token:
-            tokens.revoke([(grant.access_token, "access_token")])
+            grants.revoke([(grant.access_token, "access_token")])
             if flow.get("silent"):
                 # Some providers (oidc-provider) drop offline_access without consent: the person must interact.
-                return _failed(200, "Please sign in again", SILENT_FAILED, retry=again)
-            return _failed(400, "The provider did not grant lasting access (no refresh token).", "Please start again.", retry=again)
-        info = provider.userinfo(grant.access_token)
+                return make_response(_failed(200, "Please sign in again", SILENT_FAILED, retry=again))
+            return make_response(_failed(400, "The provider did not grant lasting access (no refresh token).", "Please start again.", retry=again))
+        return grant, provider.userinfo(grant.access_token)
     except ProviderUnavailable:
         # Try again where this sign-in was going, as silently as it was meant to be.
         again = url_for("auth.login", next=flow["next"], silent=1 if flow.get("silent") else None)
@@ -113,23 +149,26 @@ def callback() -> Response:
         response.delete_cookie(_silent_cookie(), **sessions.cookie_attributes())
         return response
     except (InvalidGrant, ProviderRejected):
-        return _failed(400, "The provider refused this sign-in.", "The link may have been used already. Please start again.", retry=again)
+        return make_response(_failed(400, "The provider refused this sign-in.", "The link may have been used already. Please start again.", retry=again))
+
+
+def _sign_in(flow: dict, grant: TokenResponse, info: dict) -> Response | tuple[str, int]:
+    """Store the grant for the person the provider named and start this browser's session, then go where the sign-in led."""
     subject = info.get("sub")
     subject = str(subject) if isinstance(subject, str | int) and not isinstance(subject, bool) else ""
     if not subject or _storable(subject) != subject:
         # The subject is the person's identity: cleaning it could make two people one. Keep nothing of the grant.
-        tokens.revoke([(grant.refresh_token, "refresh_token"), (grant.access_token, "access_token")])
+        grants.revoke([(grant.refresh_token, "refresh_token"), (grant.access_token, "access_token")])
         if not subject:
-            return _failed(400, "The provider did not say who you are.", "Please start again.", retry=again)
+            return _failed(400, "The provider did not say who you are.", "Please start again.", retry=url_for("auth.login", next=flow["next"]))
         return _failed(400, "The provider named you in a way this app cannot store.", "Please contact the app's administrator.")
-
-    if g.get("session") is not None and g.user.subject != subject:
+    if g.session is not None and g.account().subject != subject:
         # Someone else signed in on this browser: the previous person is signed out here, as by "Sign out".
-        tokens.revoke(tokens.end_sessions(g.session.user_id, {g.session_id_hash}))
-    elif g.get("session_id_hash"):
-        sessions.end(g.session_id_hash)  # a new id at every sign-in (no session fixation), live or ended
-    user = tokens.save_sign_in(subject, _storable(info.get("name")), _storable(info.get("email")), grant)
-    cookie = sessions.start(user, provider_sid=backchannel.sid_of(grant.id_token))
+        grants.revoke(grants.end_sessions(g.session.user_id, {g.session.id_hash}))
+    elif g.cookie_session is not None:
+        sessions.end(g.cookie_session.id_hash)  # a new id at every sign-in (no session fixation), live or ended
+    user = grants.save_sign_in(subject, _storable(info.get("name")), _storable(info.get("email")), grant)
+    cookie = sessions.start(user, provider_sid=grant.sid)
     db.session.commit()
     metrics.count_sign_in("silent" if flow.get("silent") else "interactive")
     _prefetch_viewer_token(user)
@@ -137,9 +176,6 @@ def callback() -> Response:
     sessions.set_cookie(response, cookie, user.refresh_expires_at)
     return response
 
-
-# Marks the viewer token's refresh at sign-in, so the session page can say why a fresh sign-in shows one rotation.
-SIGN_IN_TRIGGER = "(sign-in)"
 
 # Claims are stored in String(255) columns.
 CLAIM_LENGTH = 255
@@ -161,48 +197,52 @@ def _prefetch_viewer_token(user) -> None:
     if scope is None or not set(scope.split()) <= set(current_app.config["OAUTH_SCOPES"].split()):
         return
     try:
-        tokens.viewer_token(user, trigger=f"{request.method} {request.path} {SIGN_IN_TRIGGER}")
-    except (tokens.RefreshUnavailable, tokens.RefreshRefused, tokens.SignInRequired) as exc:
+        tokens.viewer_token(user, trigger=f"{request.method} {request.path} {events.AT_SIGN_IN}")
+    except (ProviderError, LockTimeout, SignInRequired) as exc:
         # The page that needs it will try again; the sign-in itself stands.
         current_app.logger.warning("viewer token not fetched at sign-in: %s", type(exc).__name__)
 
 
 @bp.get("/logout")
+@policy.sign_in_flow
 def logout_page() -> str:
     """Show the Sign out button to someone who typed the address: signing out itself is a POST with the CSRF token."""
     return render_template("logout.html")
 
 
 @bp.post("/logout")
+@policy.sign_in_flow
 def logout() -> Response:
     """End this browser's session; revoke the tokens when it was the person's last."""
-    return _end_sessions({g.session_id_hash} if g.get("session") is not None else set())
+    return _end_sessions({g.session.id_hash} if g.session is not None else set())
 
 
 @bp.post("/logout-everywhere")
+@policy.sign_in_flow
 def logout_everywhere() -> Response:
     """End all of the person's sessions and revoke their tokens."""
     return _end_sessions(None)
 
 
 @bp.post("/sessions/end")
+@policy.sign_in_flow
 def end_device() -> Response:
     """End one of the person's sessions (a device), chosen from the devices list."""
     target = request.form.get("session", "")
-    if g.get("session") is not None and target not in {s.id_hash for s in g.user.sessions}:
+    if g.session is not None and target not in {s.id_hash for s in g.account().sessions}:
         abort(404, "No such session of yours.")
     return _end_sessions({target}, next_path=safe_next(request.form.get("next")))
 
 
 def _end_sessions(chosen: set[str] | None, next_path: str = "/") -> Response:
     """End the chosen sessions of the person (all for None); with the last one, forget and revoke the tokens."""
-    if g.get("session") is None:
+    if g.session is None:
         response = redirect(url_for("pages.home"))
         sessions.clear_cookie(response)
         return response
-    this_ended = chosen is None or g.session_id_hash in chosen
+    this_ended = chosen is None or g.session.id_hash in chosen
     # The local state goes first and for good; the provider is told afterwards, best effort.
-    tokens.revoke(tokens.end_sessions(g.session.user_id, chosen))
+    grants.revoke(grants.end_sessions(g.session.user_id, chosen))
     metrics.count_sign_out("everywhere" if chosen is None else "device")
     at_provider = provider_logout_url() if this_ended else None
     response = redirect(at_provider or (url_for("pages.home") if this_ended else next_path))
@@ -309,13 +349,3 @@ SILENT_FAILED = (
 def _failed(status: int, title: str, detail: str, retry: str | None = None) -> tuple[str, int]:
     # "Try again" starts a sign-in that leads where this one would have.
     return render_template("error.html", title=title, detail=detail, retry=retry or url_for("auth.login")), status
-
-
-def store_flows(response: Response) -> Response:
-    """Write back the sign-ins a callback used up, whatever its outcome."""
-    if g.get("flows") is not None:
-        _write_flows(response, g.flows)
-    return response
-
-
-bp.after_app_request(store_flows)

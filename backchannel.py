@@ -4,7 +4,7 @@ The provider POSTs a logout token (a signed JWT) to /auth/backchannel-logout. It
 of the spec says: signature against the provider's JWKS (from discovery), iss, aud, iat, the
 back-channel logout event, sub and/or sid, no nonce, and a jti not seen before. Then the sessions it
 names end: those with its sid (or, for a token with only sub, all of the person's), and with the
-last of them the grant is forgotten and revoked, exactly as a sign-out here (tokens.end_sessions).
+last of them the grant is forgotten and revoked, exactly as a sign-out here (grants.end_sessions).
 The request carries no cookie and no CSRF token: the provider's signature is what authenticates it.
 """
 
@@ -21,8 +21,9 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 
+import grants
 import metrics
-import tokens
+import policy
 from models import SeenLogoutToken, User, UserSession, db, utcnow
 
 log = logging.getLogger("backchannel")
@@ -83,6 +84,8 @@ class ProviderKeys:
 
 
 @bp.post("/auth/backchannel-logout")
+@policy.no_session
+@policy.rate_limited("backchannel_limiter")
 def logout() -> tuple[Response, int] | Response:
     """End the sessions a valid logout token names; answer 200, or 400 with the reason (§2.8)."""
     endpoints = current_app.extensions["provider"].endpoints
@@ -102,6 +105,26 @@ def logout() -> tuple[Response, int] | Response:
 
 def validate(token: str, issuer: str, jwks_url: str) -> dict:
     """Return the claims of a logout token that passes every check of Back-Channel Logout 1.0 §2.6."""
+    alg, key = _signing_key(token, jwks_url)
+    try:
+        # The key itself, not the PyJWK, which would insist on one algorithm when the JWKS names none.
+        claims = jwt.decode(
+            token,
+            key.key,
+            algorithms=[alg],
+            audience=current_app.config["OAUTH_CLIENT_ID"],
+            issuer=issuer,
+            leeway=CLOCK_SKEW,
+            options={"require": ["iss", "aud", "iat", "jti"]},
+        )
+    except jwt.PyJWTError as exc:
+        raise InvalidLogoutToken(f"the token does not verify ({type(exc).__name__})") from None
+    _check_claims(claims)
+    return claims
+
+
+def _signing_key(token: str, jwks_url: str) -> tuple[str, jwt.PyJWK]:
+    """Return the algorithm a logout token's header names, and the provider's key that must have signed it."""
     if not token or len(token) > MAX_TOKEN_LENGTH:
         raise InvalidLogoutToken("logout_token is missing or too long")
     try:
@@ -116,20 +139,11 @@ def validate(token: str, issuer: str, jwks_url: str) -> dict:
         raise InvalidLogoutToken(f"a {typ!r} token is not a logout token")
     keys = current_app.extensions.setdefault("logout_keys", ProviderKeys(jwks_url))
     kid = header.get("kid")
-    key = keys.key_for(kid if isinstance(kid, str) else None, alg)
-    try:
-        # The key itself, not the PyJWK, which would insist on one algorithm when the JWKS names none.
-        claims = jwt.decode(
-            token,
-            key.key,
-            algorithms=[alg],
-            audience=current_app.config["OAUTH_CLIENT_ID"],
-            issuer=issuer,
-            leeway=CLOCK_SKEW,
-            options={"require": ["iss", "aud", "iat", "jti"]},
-        )
-    except jwt.PyJWTError as exc:
-        raise InvalidLogoutToken(f"the token does not verify ({type(exc).__name__})") from None
+    return alg, keys.key_for(kid if isinstance(kid, str) else None, alg)
+
+
+def _check_claims(claims: dict) -> None:
+    """Refuse a verified token whose claims are not a logout token's (§2.4, §2.6)."""
     events = claims.get("events")
     if not isinstance(events, dict) or not isinstance(events.get(EVENT), dict):
         raise InvalidLogoutToken("the token carries no back-channel logout event")
@@ -146,7 +160,6 @@ def validate(token: str, issuer: str, jwks_url: str) -> dict:
         raise InvalidLogoutToken("iat is not a time") from None
     if issued_at < utcnow() - MAX_AGE - CLOCK_SKEW:
         raise InvalidLogoutToken("the token is too old")
-    return claims
 
 
 def _text(value: object) -> bool:
@@ -189,20 +202,9 @@ def end_sessions(sub: str | None, sid: str | None) -> int:
         chosen.setdefault(user_id, set()).add(id_hash)
     db.session.commit()
     for user_id, id_hashes in chosen.items():
-        tokens.revoke(tokens.end_sessions(user_id, None if sid is None else id_hashes))
+        grants.revoke(grants.end_sessions(user_id, None if sid is None else id_hashes))
     return sum(len(hashes) for hashes in chosen.values())
 
 
 def _refuse(reason: str) -> tuple[Response, int]:
     return jsonify(error="invalid_request", error_description=reason), 400
-
-
-def sid_of(id_token: str | None) -> str | None:
-    """Read the sid claim of an ID token received straight from the token endpoint (OIDC Core §3.1.3.7 lets TLS vouch for it)."""
-    if not id_token:
-        return None
-    try:
-        sid = jwt.decode(id_token, options={"verify_signature": False}).get("sid")
-    except jwt.PyJWTError:
-        return None
-    return sid if _text(sid) else None

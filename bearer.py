@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import tokens
 from models import User
-from provider import InvalidGrant, ProviderError, ProviderRejected
+from provider import InvalidGrant
 
 T = TypeVar("T")
 
@@ -19,26 +19,11 @@ T = TypeVar("T")
 def call_with_access_token(user: User, call: Callable[[str], T], trigger: str) -> T:
     """Run call(access_token); on a 401, refresh once under the person's lock and retry once."""
     try:
-        return _answer(call, user.access_token)
+        return call(user.access_token)
     except InvalidGrant:
         user = tokens.ensure_fresh_access_token(user, trigger=trigger, rejected=user.access_token)
-    user_id = user.id
     try:
-        return _answer(call, user.access_token)
+        return call(user.access_token)
     except InvalidGrant:
         # Even a fresh token is refused: the grant is no use any more, so forget it for every session.
-        tokens.revoke(tokens.end_grant(user_id, "token_rejected", trigger=trigger))
-        raise tokens.SignInRequired("the resource server rejects a fresh access token") from None
-
-
-def _answer(call: Callable[[str], T], access_token: str) -> T:
-    """Run the call, turning the provider's answers into what the app's error handlers show."""
-    try:
-        return call(access_token)
-    except InvalidGrant:
-        raise
-    except ProviderRejected as exc:
-        # 403 insufficient_scope and the like: an answer about this token, not an outage.
-        raise tokens.RefreshRefused(exc.error) from None
-    except ProviderError as exc:
-        raise tokens.RefreshUnavailable(str(exc)) from None
+        tokens.end_rejected_grant(user.id, trigger=trigger)

@@ -1,6 +1,7 @@
 """Defend against cross-site request forgery and cross-site reads.
 
-Two independent checks on every state-changing request: the browser's own word on where it
+Two independent checks on every state-changing request that carries a session (policy.py: all but
+the provider's signed server-to-server calls): the browser's own word on where it
 came from (Fetch Metadata and Origin), and a token tied to the session that only our pages
 carry. Cross-site requests other than top-level navigations are refused outright, so another
 site cannot even make the browser fetch a page or the viewer token with its cookies.
@@ -12,13 +13,11 @@ import hmac
 from flask import abort, current_app, g, request
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
-# The provider's server-to-server logout: no browser, no cookie; the provider's signature authenticates it.
-EXEMPT = {"backchannel.logout"}
 
 
 def token() -> str:
     """Return the CSRF token of the current session (empty when signed out)."""
-    if g.get("session") is None:
+    if g.session is None:
         return ""
     key = current_app.config["SECRET_KEY"].encode()
     return hmac.new(key, f"csrf:{g.session.id_hash}".encode(), hashlib.sha256).hexdigest()
@@ -28,8 +27,6 @@ def protect() -> None:
     """Abort with 403 unless an unsafe request comes from our own pages."""
     if request.routing_exception is not None:
         return  # no route takes it (404/405): it changes nothing, and the true answer is clearer
-    if request.endpoint in EXEMPT:
-        return
     site = request.headers.get("Sec-Fetch-Site")
     if request.method in SAFE_METHODS:
         # A link from another site (or the provider's redirect back) is a navigation; an
@@ -45,7 +42,7 @@ def protect() -> None:
     vouched = origin == "null" and site == "same-origin"
     if origin is not None and origin.lower() != _own_origin().lower() and not vouched:
         abort(403, "Cross-origin request refused.")
-    if g.get("session") is None:
+    if g.session is None:
         return  # nothing to act on: the handlers treat a signed-out POST as a no-op
     sent = request.form.get("csrf_token") or request.headers.get("X-CSRF-Token") or ""
     # Bytes: compare_digest refuses non-ASCII str, and a forged form may send anything.

@@ -15,12 +15,12 @@ import time
 from flask import current_app
 from sqlalchemy import select
 
+from events import Outcome
 from models import RefreshEvent, User, db
 from provider import ProviderError, TokenResponse
 
 log = logging.getLogger("tokens")
 
-NARROWED = "grant_narrowed"
 NOTICE = (
     "Your sign-in provider narrowed your whole sign-in when this app asked it for a token for the viewer, so your sign-in ended. "
     "This app no longer asks it for narrowed tokens: please sign in again, once."
@@ -63,10 +63,10 @@ def note_narrowed_grant(user_id: int, tokens: TokenResponse) -> None:
 def _narrowing_seen(user: User) -> bool:
     seen, checked = current_app.extensions.get("grant_narrowing_seen", (False, float("-inf")))
     if not seen and time.monotonic() - checked > RECHECK_SECONDS:
-        seen = db.session.execute(select(RefreshEvent.id).where(RefreshEvent.outcome == NARROWED).limit(1)).first() is not None
+        seen = db.session.execute(select(RefreshEvent.id).where(RefreshEvent.outcome == Outcome.GRANT_NARROWED).limit(1)).first() is not None
         current_app.extensions["grant_narrowing_seen"] = (seen, time.monotonic())
     if not seen:
         # This person's own grant was narrowed: never again for them, even before the cache above expires.
-        mine = select(RefreshEvent.id).where(RefreshEvent.user_id == user.id, RefreshEvent.outcome == NARROWED).limit(1)
+        mine = select(RefreshEvent.id).where(RefreshEvent.user_id == user.id, RefreshEvent.outcome == Outcome.GRANT_NARROWED).limit(1)
         seen = db.session.execute(mine).first() is not None
     return seen

@@ -13,13 +13,14 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from flask import Flask, Response, current_app, render_template, request
 from werkzeug.exceptions import RequestEntityTooLarge, RequestHeaderFieldsTooLarge, RequestURITooLarge
 
+import policy
 from config import ConfigError
 
-LIMITED_ENDPOINTS = ("auth.login", "auth.callback")
 UNITS = {"second": 1, "minute": 60, "hour": 3600}
 # About what gunicorn itself accepts (limit_request_line 4094, limit_request_field_size 8190),
 # so the app answers the same with or without it in front.
@@ -31,10 +32,10 @@ MAX_BODY = 64 * 1024
 
 
 class RateLimiter:
-    """Allow at most `limit` hits per `window` seconds for each key (sliding window, thread-safe)."""
+    """Allow at most `limit` hits per `window` seconds for each key (sliding window, thread-safe); refuse(seconds) answers the others."""
 
-    def __init__(self, limit: int, window: float):
-        self.limit, self.window = limit, window
+    def __init__(self, limit: int, window: float, refuse: Callable[[int], Response] | None = None):
+        self.limit, self.window, self.refuse = limit, window, refuse
         self.hits: dict[str, deque[float]] = {}
         self.lock = threading.Lock()
         self.checks = 0
@@ -74,9 +75,9 @@ def parse_rate(value: str | None, name: str = "SIGNIN_RATE_LIMIT") -> tuple[int,
 def init_app(app: Flask) -> None:
     """Install the size checks and, unless switched off, the sign-in rate limit."""
     rate = parse_rate(app.config.get("SIGNIN_RATE_LIMIT", "20/minute"))
-    app.extensions["signin_limiter"] = RateLimiter(*rate) if rate else None
+    app.extensions["signin_limiter"] = RateLimiter(*rate, refuse=_too_many_sign_ins) if rate else None
     logouts = parse_rate(app.config.get("BACKCHANNEL_LOGOUT_RATE_LIMIT", "60/minute"), "BACKCHANNEL_LOGOUT_RATE_LIMIT")
-    app.extensions["backchannel_limiter"] = RateLimiter(*logouts) if logouts else None
+    app.extensions["backchannel_limiter"] = RateLimiter(*logouts, refuse=_too_many_logouts) if logouts else None
     if app.config.get("MAX_CONTENT_LENGTH") is None:  # Flask's default is no limit
         app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.before_request(check_size)
@@ -97,27 +98,22 @@ def check_size() -> None:
 
 
 def check_rate() -> Response | None:
-    """Answer 429 when this client address has started too many sign-ins (or sent too many logout tokens) lately."""
-    if request.endpoint == "backchannel.logout":
-        return _check_backchannel()
-    limiter = current_app.extensions.get("signin_limiter")
-    if limiter is None or request.endpoint not in LIMITED_ENDPOINTS:
-        return None
-    wait = limiter.hit(f"{request.endpoint} {request.remote_addr or 'unknown'}")
+    """Answer 429 when this client address has sent too many requests lately to a view its policy rate-limits."""
+    name = policy.current().rate_limit
+    limiter = current_app.extensions.get(name) if name else None
+    wait = limiter.hit(f"{request.endpoint} {request.remote_addr or 'unknown'}") if limiter else 0
     if not wait:
         return None
-    seconds = max(1, round(wait))
+    return limiter.refuse(max(1, round(wait)))
+
+
+def _too_many_sign_ins(seconds: int) -> Response:
     detail = f"Too many sign-in attempts from your network. Please wait {seconds} seconds and try again."
     page = render_template("error.html", title="Too many sign-in attempts", detail=detail, retry=None)
     return Response(page, status=429, headers={"Retry-After": str(seconds)})
 
 
-def _check_backchannel() -> Response | None:
-    """Answer the provider's logout requests 429 beyond BACKCHANNEL_LOGOUT_RATE_LIMIT per address: each costs a signature check."""
-    limiter = current_app.extensions.get("backchannel_limiter")
-    wait = limiter.hit(request.remote_addr or "unknown") if limiter else 0
-    if not wait:
-        return None
-    seconds = str(max(1, round(wait)))
+def _too_many_logouts(seconds: int) -> Response:
+    """Answer the provider's logout requests beyond BACKCHANNEL_LOGOUT_RATE_LIMIT as its spec wants: JSON (each costs a signature check)."""
     body = {"error": "temporarily_unavailable", "error_description": "too many logout requests"}
-    return Response(json.dumps(body), status=429, mimetype="application/json", headers={"Retry-After": seconds})
+    return Response(json.dumps(body), status=429, mimetype="application/json", headers={"Retry-After": str(seconds)})

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import func, select
 
+import policy
 from models import UserSession, db, utcnow
 
 bp = Blueprint("metrics", __name__)
@@ -77,6 +78,7 @@ def count_proxy_response(response: Response) -> Response:
 
 
 @bp.get("/metrics")
+@policy.no_session
 def metrics() -> Response:
     """Answer the Prometheus text format to the loopback and METRICS_ALLOW; to anyone else, there is nothing here."""
     if not _allowed(request.remote_addr or ""):

@@ -124,7 +124,9 @@ class RefreshEvent(db.Model):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     kind: Mapped[str] = mapped_column(String(16))  # "access" or "viewer"
-    outcome: Mapped[str] = mapped_column(String(32))  # refreshed, invalid_grant, lost_rotation, unavailable
+    outcome: Mapped[str] = mapped_column(String(32))  # an events.Outcome
+    # The provider's error when it refused the refresh (invalid_scope...).
+    cause: Mapped[str | None] = mapped_column(String(64))
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
     trigger: Mapped[str] = mapped_column(String(255), default="")
     # Requests that waited for this refresh and then used its result, as the refresher counted them

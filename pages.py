@@ -12,12 +12,12 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, redirect,
 from sqlalchemy import func, select
 
 import bearer
-import proxy
+import events
 import signout
-from auth import SIGN_IN_TRIGGER
+import upstream
+from grants import REFRESH_TOKEN_LIFETIME
 from models import RefreshEvent, User, UserSession, db, utcnow
 from redirects import safe_next
-from tokens import REFRESH_TOKEN_LIFETIME
 
 bp = Blueprint("pages", __name__)
 
@@ -44,7 +44,7 @@ def login_required(view: Callable) -> Callable:
 
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
-        if g.get("user") is None:
+        if g.user is None:
             if signout.reason():
                 return signout.page()
             return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?"))))
@@ -55,14 +55,14 @@ def login_required(view: Callable) -> Callable:
 
 @bp.get("/")
 def home():
-    return render_template("home.html", user=g.get("user"))
+    return render_template("home.html", user=g.user)
 
 
 @bp.get("/session")
 @login_required
 def session_page():
     """Show the person's tokens as a live timeline (static/lifecycle.js keeps it current)."""
-    return render_template("session.html", life=lifecycle(g.user))
+    return render_template("session.html", life=lifecycle(g.account()))
 
 
 @bp.get("/api/lifecycle")
@@ -72,16 +72,16 @@ def lifecycle_json():
     Polling this goes through the before-request hook like any request, so when the access token
     is due, this very request refreshes it, and the answer shows that refresh.
     """
-    if g.get("user") is None:
+    if g.user is None:
         abort(401)
-    return jsonify(lifecycle(g.user))
+    return jsonify(lifecycle(g.account()))
 
 
 @bp.get("/devices")
 @login_required
 def devices():
     now = utcnow()
-    live = sorted((s for s in g.user.sessions if s.expires_at > now), key=lambda s: s.last_seen_at, reverse=True)
+    live = sorted((s for s in g.account().sessions if s.expires_at > now), key=lambda s: s.last_seen_at, reverse=True)
     rows = [{"session": s, "browser": describe_agent(s.user_agent), "this": s.id_hash == g.session.id_hash} for s in live]
     return render_template("devices.html", rows=rows)
 
@@ -90,7 +90,7 @@ def devices():
 @login_required
 def browse():
     """Show the person's hubs as a tree that static/browse.js fills, level by level, through /api/aps/."""
-    return render_template("browse.html", upstream=proxy.api_base() or "", api_prefix=proxy.PREFIX)
+    return render_template("browse.html", upstream=upstream.api_base() or "", api_prefix=upstream.PREFIX)
 
 
 # A Model Derivative URN: a version's id, base64url-encoded without padding.
@@ -134,7 +134,7 @@ def viewed_file(urn: str, project: str) -> dict:
     found = VERSION_ID.fullmatch(version_id)
     if found is None:
         abort(400, "This viewer link's urn is not the URN of a model: open the file again from Your hubs.")
-    if project and not proxy.SEGMENT.fullmatch(project):
+    if project and not upstream.SEGMENT.fullmatch(project):
         abort(400, "This viewer link's project is not a project id: open the file again from Your hubs.")
     version = found.group(1)
     return {"version_id": version_id, "version": int(version) if version else None, "name": _version_name(version_id, project)}
@@ -142,16 +142,16 @@ def viewed_file(urn: str, project: str) -> dict:
 
 def _version_name(version_id: str, project: str) -> str | None:
     """Ask the Data Management API for the version's file name, through the person's token; None if it cannot say."""
-    base = proxy.api_base()
+    base = upstream.api_base()
     if not (base and project and ":fs.file:vf." in version_id):
         return None
     # A version's item (its lineage) is named like the version: fs.file:vf.<id>?version=<n> -> dm.lineage:<id>.
     item = version_id.partition("?")[0].replace(":fs.file:vf.", ":dm.lineage:")
     url = f"{base}/data/v1/projects/{project}/items/{item}/versions"
     try:
-        answer = bearer.call_with_access_token(g.user, lambda token: proxy.fetch(url, token), trigger=f"GET {request.path}")
+        answer = bearer.call_with_access_token(g.account(), lambda token: upstream.fetch(url, token), trigger=f"GET {request.path}")
         listed = json.loads(answer.body or b"{}").get("data", []) if answer.status == 200 else []
-    except (proxy.UpstreamFailed, ValueError, AttributeError):
+    except (upstream.UpstreamFailed, ValueError, AttributeError):
         return None
     names = [v.get("attributes", {}).get("displayName") for v in listed if isinstance(v, dict) and v.get("id") == version_id]
     return names[0] if names and isinstance(names[0], str) else None
@@ -161,11 +161,9 @@ def lifecycle(user: User) -> dict:
     """Return the times that keep the person signed in, as seconds from now and ISO instants."""
     now = utcnow()
     leeway = current_app.config["TOKEN_REFRESH_LEEWAY"]
-    events = (
-        db.session.execute(select(RefreshEvent).where(RefreshEvent.user_id == user.id).order_by(RefreshEvent.id.desc()).limit(RECENT_REFRESHES)).scalars().all()
-    )
-    access_issued = last_issued(user, "access")
-    viewer_issued = last_issued(user, "viewer")
+    recent = events.recent(user.id, RECENT_REFRESHES)
+    access_issued = events.last_issued(user, "access")
+    viewer_issued = events.last_issued(user, "viewer")
     sessions = db.session.execute(select(func.count()).where(UserSession.user_id == user.id, UserSession.expires_at > now)).scalar_one()
 
     def since(moment: datetime | None) -> float | None:
@@ -175,7 +173,7 @@ def lifecycle(user: User) -> dict:
         return None if moment is None else round((moment - now).total_seconds(), 1)
 
     access_refresh_at = user.access_expires_at - timedelta(seconds=leeway) if user.access_expires_at else None
-    here = g.get("session")
+    here = g.session
     here_since = None if here is None else db.session.execute(select(UserSession.created_at).where(UserSession.id_hash == here.id_hash)).scalar_one_or_none()
     refreshes_here = _silent_refreshes(user, here_since)
     # The person's latest sign-in may have been on another device: each sign-in there shows here too.
@@ -206,7 +204,7 @@ def lifecycle(user: User) -> dict:
             "rotations": user.refresh_rotations,
             # What the session page counts: silent refreshes since this device signed in, whichever device caused them.
             "refreshes_here": refreshes_here,
-            "last_rotation": _last_rotation(events),
+            "last_rotation": _last_rotation(recent),
         },
         "viewer": {
             "issued_ago": since(viewer_issued) if user.viewer_expires_at else None,
@@ -225,7 +223,7 @@ def lifecycle(user: User) -> dict:
                 "waiters": e.waiters,
                 "duration_ms": e.duration_ms,
             }
-            for e in events
+            for e in recent
         ],
     }
 
@@ -236,33 +234,21 @@ def _silent_refreshes(user: User, since: datetime | None) -> int:
         return 0
     query = select(func.count()).where(
         RefreshEvent.user_id == user.id,
-        RefreshEvent.outcome == "refreshed",
+        RefreshEvent.outcome == events.Outcome.REFRESHED,
         RefreshEvent.at >= since,
-        RefreshEvent.trigger.not_like(f"%{SIGN_IN_TRIGGER}"),
+        RefreshEvent.trigger.not_like(f"%{events.AT_SIGN_IN}"),
     )
     return db.session.execute(query).scalar_one()
 
 
-def _last_rotation(events: list[RefreshEvent]) -> str:
+def _last_rotation(recent: list[RefreshEvent]) -> str:
     """Say which refresh last rotated the refresh token: right after sign-in it is the viewer token's."""
-    last = next((e for e in events if e.outcome == "refreshed"), None)
+    last = next((e for e in recent if e.outcome == events.Outcome.REFRESHED), None)
     if last is None:
         return ""
-    if last.kind == "viewer" and last.trigger.endswith(SIGN_IN_TRIGGER):
+    if events.at_sign_in(last):
         return "Last: the viewer token's refresh at sign-in."
     return f"Last: the {last.kind} token's refresh, by {last.trigger}."
-
-
-def last_issued(user: User, kind: str) -> datetime | None:
-    """Return when the person's access (or viewer) token was last refreshed."""
-    query = select(func.max(RefreshEvent.at)).where(RefreshEvent.user_id == user.id, RefreshEvent.kind == kind, RefreshEvent.outcome == "refreshed")
-    latest = db.session.execute(query).scalar_one_or_none()
-    if latest is not None and latest.tzinfo is None:
-        latest = latest.replace(tzinfo=UTC)  # SQLite's max() bypasses the column type
-    # A sign-in after the last refresh issued the current token.
-    if latest is None or (user.signed_in_at and user.signed_in_at > latest):
-        return user.signed_in_at
-    return latest
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -1,5 +1,6 @@
 """Server-side browser sessions: the cookie holds only a signed random id, the table its hash."""
 
+import enum
 import hashlib
 import secrets
 import threading
@@ -7,11 +8,13 @@ import weakref
 from datetime import datetime, timedelta
 
 from flask import Response, current_app, g, request
+from flask.ctx import _AppCtxGlobals
 from flask.sessions import SessionInterface
 from itsdangerous import BadSignature, Signer
 from sqlalchemy import Connection, Engine, bindparam, delete, func, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+import policy
 from models import RefreshEvent, User, UserSession, db, utcnow
 
 # Write last-seen at most this often, so ordinary requests do not write.
@@ -73,19 +76,49 @@ class Current:
 class Person:
     """The signed-in person as the hook reads them: who they are, when their access token expires, their last refresh.
 
-    That is all most requests need. Anything else (their tokens, their sessions, the lifecycle
-    times) loads the full User on first use, once per request, and is read from it.
+    That is all most requests need; their tokens, sessions and lifecycle times are in their whole
+    row, which g.account() loads once, when a view needs it.
     """
 
-    _full: User | None = None
+    __slots__ = ("id", "name", "email", "access_expires_at", "signed_in_at", "last_refresh_at", "last_refresh_outcome")
 
     def __init__(self, row):
         self.id, self.name, self.email, self.access_expires_at, self.signed_in_at, self.last_refresh_at, self.last_refresh_outcome = row[5:]
 
-    def __getattr__(self, name: str):
-        if self._full is None:
-            self._full = db.session.get(User, self.id)
-        return getattr(self._full, name)
+
+class Cookie(enum.Enum):
+    """What the response does with this browser's session cookie."""
+
+    KEEP = "keep"  # as it is, renewed when the session moved well past it (update_cookie)
+    DROP = "drop"  # delete it: its session is unknown, tampered with, or the person should read why it ended
+    WRITTEN = "written"  # a view set or deleted it already
+
+
+# Flask's documented extension point for flask.g (Flask.app_ctx_globals_class), whose default is this class.
+class RequestState(_AppCtxGlobals):
+    """This app's flask.g: what the sign-in hook (app.load_person) learnt about the request, with its defaults."""
+
+    session: Current | None = None  # this browser's live session
+    cookie_session: Current | None = None  # the session its cookie names, live or ended
+    user: Person | None = None  # who is signed in, as the hook read them
+    cookie: Cookie = Cookie.KEEP
+    account_row: User | None = None  # their whole row, once loaded or refreshed
+    sign_out_reason: str | None = None  # why a browser whose session ended is signed out (signout.py), when the hook learnt it
+
+    def reset(self) -> None:
+        """Start a request knowing nothing: one app context may serve several requests (tests, the CLI)."""
+        self.session = self.cookie_session = self.user = self.account_row = self.sign_out_reason = None
+        self.cookie = Cookie.KEEP
+
+    def account(self) -> User:
+        """Return the signed-in person's whole row (tokens, sessions, lifecycle times), loaded on first use."""
+        if self.account_row is None:
+            self.account_row = db.session.get(User, self.user.id)
+        return self.account_row
+
+    def signed_out(self) -> None:
+        """Show the rest of this request signed out: the person's sessions just ended."""
+        self.session = self.user = self.account_row = None
 
 
 def load() -> tuple[Current, Person] | None:
@@ -192,20 +225,23 @@ def touch(session: Current) -> None:
         db.session.commit()
 
 
-def slide_cookie(response: Response) -> Response:
-    """Re-issue this browser's cookie when its session now lives well past what the cookie says.
+def update_cookie(response: Response) -> Response:
+    """Drop this browser's session cookie when the hook said so, or re-issue it when its session now lives well past it.
 
     Rotations move the session's expiry forward; a cookie that kept its first Expires would
     sign a daily user out on day 15 while the server still holds a live grant.
     """
-    session = g.get("session")
-    if session is None or g.get("passive") or g.get("session_cookie_written") or g.get("drop_session_cookie"):
+    if g.cookie is Cookie.DROP:
+        clear_cookie(response)
+        return response
+    session = g.session
+    if session is None or g.cookie is Cookie.WRITTEN or not policy.current().keeps_alive:
         return response
     expires_at, told = session.expires_at, session.cookie_expires_at
-    user = g.get("user")
     try:
-        if isinstance(user, User) and user.refresh_expires_at and user.refresh_expires_at > expires_at:
-            expires_at = user.refresh_expires_at  # this very request rotated the token: the session moved on with it
+        account = g.account_row
+        if account is not None and account.refresh_expires_at and account.refresh_expires_at > expires_at:
+            expires_at = account.refresh_expires_at  # this very request rotated the token: the session moved on with it
         if told is not None and expires_at - told < SLIDE_AFTER:
             return response
         db.session.execute(update(UserSession).where(UserSession.id_hash == session.id_hash).values(cookie_expires_at=expires_at))
@@ -247,10 +283,10 @@ def cookie_attributes() -> dict:
 
 
 def set_cookie(response: Response, value: str, expires_at: datetime) -> None:
-    g.session_cookie_written = True
+    g.cookie = Cookie.WRITTEN
     response.set_cookie(cookie_name(), value, expires=expires_at + RESUME_GRACE, **cookie_attributes())
 
 
 def clear_cookie(response: Response) -> None:
-    g.session_cookie_written = True
+    g.cookie = Cookie.WRITTEN
     response.delete_cookie(cookie_name(), **cookie_attributes())

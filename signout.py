@@ -37,9 +37,9 @@ def forget(response: Response) -> None:
 
 def reason() -> str | None:
     """Return why this signed-out browser is signed out, as a sentence, or None when it was never told."""
-    if g.get("user") is not None:
+    if g.user is not None:
         return None
-    return REASONS.get(g.get("signed_out") or request.cookies.get(_cookie(), ""))
+    return REASONS.get(g.sign_out_reason or request.cookies.get(_cookie(), ""))
 
 
 def page() -> tuple[str, int]:
@@ -50,6 +50,6 @@ def page() -> tuple[str, int]:
 
 def _mark_ended(response: Response) -> Response:
     """Keep the mark the sign-in hook set for a session that a sign-out elsewhere ended."""
-    if g.get("signed_out"):
-        remember(response, g.signed_out)
+    if g.sign_out_reason:
+        remember(response, g.sign_out_reason)
     return response

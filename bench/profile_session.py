@@ -18,7 +18,7 @@ PARTS = [
     ("session query (SELECT ... JOIN)", "sessions.py", "load"),
     ("touch last-seen", "sessions.py", "touch"),
     ("csrf.protect", "csrf.py", "protect"),
-    ("freshness check", "tokens.py", "ensure_fresh_access_token"),
+    ("freshness check", "tokens.py", "is_stale"),
     ("request teardown (session remove/rollback)", "flask_sqlalchemy/session.py", "_app_ctx_id"),
     ("load_person: lazy load of session.user", "sqlalchemy/orm/attributes.py", "__get__"),
     ("load_person: rest", "app.py", "load_person"),

@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Mapping
 from urllib.parse import urlencode, urlsplit
 
-from flask import Flask, Response, abort, g, jsonify, redirect, render_template, request
+from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, redirect, render_template, request
 from sqlalchemy import delete, select, update
 
 from standin import data
@@ -40,6 +40,9 @@ class OAuthError(Exception):
         self.error, self.description, self.status = error, description, status
 
 
+bp = Blueprint("standin", __name__)
+
+
 def create_app(settings: Mapping) -> Flask:
     """Create the stand-in provider from its settings.
 
@@ -48,160 +51,195 @@ def create_app(settings: Mapping) -> Flask:
     """
     app = Flask(__name__)
     app.config["STANDIN"] = dict(settings)
-    app.extensions["standin_store"] = store = Store(settings["database_url"])
-    cfg = app.config["STANDIN"]
-    issuer = cfg["issuer"]
-
-    @app.errorhandler(OAuthError)
-    def oauth_error(exc: OAuthError):
-        return jsonify(error=exc.error, error_description=exc.description), exc.status
-
-    @app.after_request
-    def headers(response: Response) -> Response:
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        # Its sign-in page must not be framed (clickjacking a consent) and runs no script at all. The
-        # form posts here and is redirected to the client, which form-action must allow too.
-        client = g.get("client_origin")
-        form_action = f"'self' {client}" if client else "'self'"
-        response.headers["Content-Security-Policy"] = (
-            f"default-src 'none'; style-src 'self'; form-action {form_action}; frame-ancestors 'none'; base-uri 'none'"
-        )
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        return response
-
-    @app.get("/.well-known/openid-configuration")
-    def discovery():
-        base = f"{issuer}/authentication/v2"
-        return jsonify(
-            issuer=issuer,
-            authorization_endpoint=f"{base}/authorize",
-            token_endpoint=f"{base}/token",
-            userinfo_endpoint=f"{issuer}/userinfo",
-            revocation_endpoint=f"{base}/revoke",
-            introspection_endpoint=f"{base}/introspect",
-            end_session_endpoint=f"{base}/logout",
-            response_types_supported=["code"],
-            grant_types_supported=["authorization_code", "refresh_token"],
-            code_challenge_methods_supported=["S256"],
-            token_endpoint_auth_methods_supported=["client_secret_basic"],
-            authorization_response_iss_parameter_supported=True,
-            scopes_supported=list(SCOPES),
-        )
-
-    @app.route("/authentication/v2/authorize", methods=["GET", "POST"])
-    def authorize():
-        params = request.values
-        _check_client_and_redirect(cfg, params)
-        redirect_uri = params["redirect_uri"]
-        state = params.get("state", "")
-        if params.get("response_type", "code") != "code":
-            return _back(redirect_uri, issuer, error="unsupported_response_type", state=state)
-        if params.get("code_challenge_method") != "S256" or not params.get("code_challenge"):
-            return _back(redirect_uri, issuer, error="invalid_request", state=state, error_description="PKCE with S256 is required")
-        scopes = params.get("scope", "").split()
-        if not scopes or not set(scopes) <= set(SCOPES):
-            return _back(redirect_uri, issuer, error="invalid_scope", state=state)
-        if request.method == "GET":
-            if params.get("prompt") == "none":
-                # Sign in again without showing anything, or say that the person must interact (OIDC Core §3.1.2.6).
-                sub = store.browser_session(request.cookies.get(BROWSER_COOKIE, ""))
-                if sub is None:
-                    return _back(redirect_uri, issuer, error="login_required", state=state)
-                return _back(redirect_uri, issuer, code=_code_for(store, params, sub), state=state)
-            return render_template("standin/signin.html", fields={k: params.get(k, "") for k in SIGN_IN_FIELDS})
-        if "cancel" in request.form:
-            return _back(redirect_uri, issuer, error="access_denied", state=state)
-        name = request.form.get("name", "").strip()
-        if not name:
-            fields = {k: params.get(k, "") for k in SIGN_IN_FIELDS}
-            return render_template("standin/signin.html", fields=fields, missing_name=True), 400
-        person = store.add_person(name)
-        response = _back(redirect_uri, issuer, code=_code_for(store, params, person["sub"]), state=state)
-        response.set_cookie(
-            BROWSER_COOKIE,
-            store.start_browser_session(person["sub"], BROWSER_SESSION_TTL),
-            max_age=BROWSER_SESSION_TTL,
-            path=request.script_root or "/",
-            httponly=True,
-            samesite="Lax",
-            secure=issuer.startswith("https://"),
-        )
-        return response
-
-    @app.post("/authentication/v2/token")
-    def token():
-        client_id = _client(cfg)
-        fault = store.take_fault()
-        if fault and fault["kind"] == "5xx":
-            return jsonify(error="server_error", error_description="injected fault"), 503
-        if fault and fault["kind"] == "invalid_grant":
-            raise OAuthError("invalid_grant", "injected fault")
-        if fault and fault["kind"] == "hang":
-            time.sleep(fault["delay"])  # too slow, and then nothing done: the token stays usable
-            return jsonify(error="server_error", error_description="injected fault"), 503
-        if fault and fault["kind"] == "timeout":
-            time.sleep(fault["delay"])
-        grant_type = request.form.get("grant_type")
-        if grant_type == "authorization_code":
-            body = _code_grant(store, cfg, client_id)
-        elif grant_type == "refresh_token":
-            body = _refresh_grant(store, cfg, client_id)
-        else:
-            raise OAuthError("unsupported_grant_type", f"grant_type {grant_type!r} is not supported")
-        if fault and fault["kind"] == "drop":
-            return _drop()
-        return jsonify(body)
-
-    @app.post("/authentication/v2/revoke")
-    def revoke():
-        _client(cfg)
-        token = request.form.get("token", "")
-        with store.transaction() as conn:
-            conn.execute(update(refresh_tokens).where(refresh_tokens.c.token_hash == digest(token)).values(status="revoked"))
-            conn.execute(delete(access_tokens).where(access_tokens.c.token_hash == digest(token)))
-        return "", 200
-
-    @app.post("/authentication/v2/introspect")
-    def introspect():
-        _client(cfg)
-        token = request.form.get("token", "")
-        access = store.access_token(token)
-        if access:
-            return _active(access, "access_token")
-        refresh = store.refresh_token(token)
-        if refresh and refresh["status"] == "active" and refresh["expires_at"] > time.time():
-            return _active(refresh, "refresh_token")
-        return jsonify(active=False)
-
-    @app.get("/authentication/v2/logout")
-    def logout():
-        store.end_browser_session(request.cookies.get(BROWSER_COOKIE, ""))
-        target = request.args.get("post_logout_redirect_uri", "")
-        # As APS: only back to where a registered callback lives, never to another site or a javascript: URL.
-        if target and _origin(target) in {_origin(uri) for uri in _registered_uris(cfg)} - {None}:
-            response = redirect(target)
-        else:
-            response = Response(render_template("standin/signed_out.html"))
-        response.delete_cookie(BROWSER_COOKIE, path=request.script_root or "/", httponly=True, samesite="Lax")
-        return response
-
-    @app.get("/userinfo")
-    def userinfo():
-        header = request.headers.get("Authorization", "")
-        access = store.access_token(header[7:]) if header.startswith("Bearer ") else None
-        if access is None:
-            return jsonify(error="invalid_token", error_description="access token unknown or expired"), 401
-        if not {"user-profile:read", "openid"} & set(access["scope"].split()):
-            # APS wants user-profile:read (OpenID Connect: openid); a viewer's narrowed token gets nothing.
-            challenge = 'Bearer error="insufficient_scope", scope="user-profile:read"'
-            return jsonify(error="insufficient_scope", error_description="user-profile:read is required"), 403, {"WWW-Authenticate": challenge}
-        person = store.person(access["sub"])
-        return jsonify(sub=person["sub"], name=person["name"], preferred_username=person["name"], email=person["email"], email_verified=True)
-
-    data.register(app, store, issuer)
+    app.extensions["standin_store"] = Store(settings["database_url"])
+    app.register_error_handler(OAuthError, oauth_error)
+    app.after_request(headers)
+    app.register_blueprint(bp)
+    app.register_blueprint(data.bp)
     return app
+
+
+def _store() -> Store:
+    return current_app.extensions["standin_store"]
+
+
+def _settings() -> Mapping:
+    return current_app.config["STANDIN"]
+
+
+def oauth_error(exc: OAuthError):
+    return jsonify(error=exc.error, error_description=exc.description), exc.status
+
+
+def headers(response: Response) -> Response:
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    # Its sign-in page must not be framed (clickjacking a consent) and runs no script at all. The
+    # form posts here and is redirected to the client, which form-action must allow too.
+    client = g.get("client_origin")
+    form_action = f"'self' {client}" if client else "'self'"
+    response.headers["Content-Security-Policy"] = f"default-src 'none'; style-src 'self'; form-action {form_action}; frame-ancestors 'none'; base-uri 'none'"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+@bp.get("/.well-known/openid-configuration")
+def discovery():
+    issuer = _settings()["issuer"]
+    base = f"{issuer}/authentication/v2"
+    return jsonify(
+        issuer=issuer,
+        authorization_endpoint=f"{base}/authorize",
+        token_endpoint=f"{base}/token",
+        userinfo_endpoint=f"{issuer}/userinfo",
+        revocation_endpoint=f"{base}/revoke",
+        introspection_endpoint=f"{base}/introspect",
+        end_session_endpoint=f"{base}/logout",
+        response_types_supported=["code"],
+        grant_types_supported=["authorization_code", "refresh_token"],
+        code_challenge_methods_supported=["S256"],
+        token_endpoint_auth_methods_supported=["client_secret_basic"],
+        authorization_response_iss_parameter_supported=True,
+        scopes_supported=list(SCOPES),
+    )
+
+
+@bp.route("/authentication/v2/authorize", methods=["GET", "POST"])
+def authorize():
+    params = request.values
+    _check_client_and_redirect(_settings(), params)
+    redirect_uri, state, issuer = params["redirect_uri"], params.get("state", ""), _settings()["issuer"]
+    if params.get("response_type", "code") != "code":
+        return _back(redirect_uri, issuer, error="unsupported_response_type", state=state)
+    if params.get("code_challenge_method") != "S256" or not params.get("code_challenge"):
+        return _back(redirect_uri, issuer, error="invalid_request", state=state, error_description="PKCE with S256 is required")
+    scopes = params.get("scope", "").split()
+    if not scopes or not set(scopes) <= set(SCOPES):
+        return _back(redirect_uri, issuer, error="invalid_scope", state=state)
+    if request.method == "GET":
+        return _ask_or_sign_in_silently(params)
+    if "cancel" in request.form:
+        return _back(redirect_uri, issuer, error="access_denied", state=state)
+    return _signed_in(params, request.form.get("name", "").strip())
+
+
+def _ask_or_sign_in_silently(params: Mapping) -> Response | str:
+    """Show the sign-in form; with prompt=none, sign the browser's person in again without it, or say they must interact (OIDC Core §3.1.2.6)."""
+    if params.get("prompt") != "none":
+        return render_template("standin/signin.html", fields={k: params.get(k, "") for k in SIGN_IN_FIELDS})
+    redirect_uri, state, issuer = params["redirect_uri"], params.get("state", ""), _settings()["issuer"]
+    sub = _store().browser_session(request.cookies.get(BROWSER_COOKIE, ""))
+    if sub is None:
+        return _back(redirect_uri, issuer, error="login_required", state=state)
+    return _back(redirect_uri, issuer, code=_code_for(_store(), params, sub), state=state)
+
+
+def _signed_in(params: Mapping, name: str) -> Response | tuple[str, int]:
+    """Sign in the person who typed this name, remember them in this browser, and send the code back."""
+    if not name:
+        fields = {k: params.get(k, "") for k in SIGN_IN_FIELDS}
+        return render_template("standin/signin.html", fields=fields, missing_name=True), 400
+    store, issuer = _store(), _settings()["issuer"]
+    person = store.add_person(name)
+    response = _back(params["redirect_uri"], issuer, code=_code_for(store, params, person["sub"]), state=params.get("state", ""))
+    response.set_cookie(
+        BROWSER_COOKIE,
+        store.start_browser_session(person["sub"], BROWSER_SESSION_TTL),
+        max_age=BROWSER_SESSION_TTL,
+        path=request.script_root or "/",
+        httponly=True,
+        samesite="Lax",
+        secure=issuer.startswith("https://"),
+    )
+    return response
+
+
+@bp.post("/authentication/v2/token")
+def token():
+    store, cfg = _store(), _settings()
+    client_id = _client(cfg)
+    fault = store.take_fault()
+    failed = _act_out(fault)
+    if failed is not None:
+        return failed
+    grant_type = request.form.get("grant_type")
+    if grant_type == "authorization_code":
+        body = _code_grant(store, cfg, client_id)
+    elif grant_type == "refresh_token":
+        body = _refresh_grant(store, cfg, client_id)
+    else:
+        raise OAuthError("unsupported_grant_type", f"grant_type {grant_type!r} is not supported")
+    if fault and fault["kind"] == "drop":
+        return _drop()
+    return jsonify(body)
+
+
+def _act_out(fault: Mapping | None) -> tuple[Response, int] | None:
+    """Act out an injected fault before the token endpoint does its work; return its answer when it ends the request."""
+    kind = fault["kind"] if fault else None
+    if kind == "5xx":
+        return jsonify(error="server_error", error_description="injected fault"), 503
+    if kind == "invalid_grant":
+        raise OAuthError("invalid_grant", "injected fault")
+    if kind in ("hang", "timeout"):
+        time.sleep(fault["delay"])
+    if kind == "hang":
+        return jsonify(error="server_error", error_description="injected fault"), 503  # too slow, and then nothing done
+    return None
+
+
+@bp.post("/authentication/v2/revoke")
+def revoke():
+    store = _store()
+    _client(_settings())
+    token = request.form.get("token", "")
+    with store.transaction() as conn:
+        conn.execute(update(refresh_tokens).where(refresh_tokens.c.token_hash == digest(token)).values(status="revoked"))
+        conn.execute(delete(access_tokens).where(access_tokens.c.token_hash == digest(token)))
+    return "", 200
+
+
+@bp.post("/authentication/v2/introspect")
+def introspect():
+    store = _store()
+    _client(_settings())
+    token = request.form.get("token", "")
+    access = store.access_token(token)
+    if access:
+        return _active(access, "access_token")
+    refresh = store.refresh_token(token)
+    if refresh and refresh["status"] == "active" and refresh["expires_at"] > time.time():
+        return _active(refresh, "refresh_token")
+    return jsonify(active=False)
+
+
+@bp.get("/authentication/v2/logout")
+def logout():
+    _store().end_browser_session(request.cookies.get(BROWSER_COOKIE, ""))
+    target = request.args.get("post_logout_redirect_uri", "")
+    # As APS: only back to where a registered callback lives, never to another site or a javascript: URL.
+    if target and _origin(target) in {_origin(uri) for uri in _registered_uris(_settings())} - {None}:
+        response = redirect(target)
+    else:
+        response = Response(render_template("standin/signed_out.html"))
+    response.delete_cookie(BROWSER_COOKIE, path=request.script_root or "/", httponly=True, samesite="Lax")
+    return response
+
+
+@bp.get("/userinfo")
+def userinfo():
+    store = _store()
+    header = request.headers.get("Authorization", "")
+    access = store.access_token(header[7:]) if header.startswith("Bearer ") else None
+    if access is None:
+        return jsonify(error="invalid_token", error_description="access token unknown or expired"), 401
+    if not {"user-profile:read", "openid"} & set(access["scope"].split()):
+        # APS wants user-profile:read (OpenID Connect: openid); a viewer's narrowed token gets nothing.
+        challenge = 'Bearer error="insufficient_scope", scope="user-profile:read"'
+        return jsonify(error="insufficient_scope", error_description="user-profile:read is required"), 403, {"WWW-Authenticate": challenge}
+    person = store.person(access["sub"])
+    return jsonify(sub=person["sub"], name=person["name"], preferred_username=person["name"], email=person["email"], email_verified=True)
 
 
 def _active(row: Mapping, token_type: str) -> Response:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from flask import Flask, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from standin.store import API_FAULTS, Store, digest
 
@@ -64,119 +64,124 @@ def tree(sub: str, name: str) -> list[Node]:
     return [personal, company]
 
 
-def register(app: Flask, store: Store, issuer: str) -> None:
-    """Add the Data Management routes to the stand-in app."""
+bp = Blueprint("data", __name__)
 
-    def caller() -> tuple[list[Node] | None, Response | None]:
-        """Return the token's owner's tree, or the answer APS gives to a missing, unknown or too narrow token."""
-        header = request.headers.get("Authorization", "")
-        access = store.access_token(header[7:]) if header.startswith("Bearer ") else None
-        with store.transaction() as conn:
-            store.record(conn, "api", access["sub"] if access else "")  # tests count the calls that reached the API
-        if access is None:
-            body = {"developerMessage": "The required auth token is missing or invalid.", "errorCode": "AUTH-001"}
-            return None, (jsonify(body), 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        if REQUIRED_SCOPE not in access["scope"].split():
-            body = {"developerMessage": "Token does not have the privilege for this request.", "errorCode": "AUTH-010"}
-            return None, (jsonify(body), 403)
-        fault = store.take_fault(API_FAULTS)
-        if fault and fault["kind"] == "api_5xx":
-            return None, (jsonify(errors=[_error(503, "SERVICE_UNAVAILABLE", "injected fault")]), 503)
-        if fault and fault["kind"] == "api_slow":
-            time.sleep(fault["delay"])
-        if fault and fault["kind"] == "api_large":
-            # A document far larger than any listing: "delay" carries its size in mebibytes.
-            padding = "x" * int(max(fault["delay"], 0.1) * 1024 * 1024)
-            return None, (jsonify(jsonapi={"version": "1.0"}, data=[], meta={"padding": padding}), 200)
-        person = store.person(access["sub"])
-        return tree(access["sub"], person["name"] if person else "Someone"), None
 
-    def find(nodes: list[Node], kind: str, node_id: str) -> Node | None:
-        return next((n for n in nodes if n.kind == kind and n.id == node_id), None)
+class Refused(Exception):
+    """An answer other than the document asked for: a bad token, or an injected fault."""
 
-    def project_of(hubs: list[Node], project_id: str) -> Node | None:
-        return next((p for hub in hubs for p in hub.children if p.id == project_id), None)
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
 
-    def folder_in(project: Node, folder_id: str) -> Node | None:
-        stack = list(project.children)
-        while stack:
-            node = stack.pop()
-            if node.kind == "folders":
-                if node.id == folder_id:
-                    return node
-                stack.extend(node.children)
-        return None
 
-    def item_in(project: Node, item_id: str) -> Node | None:
-        stack = list(project.children)
-        while stack:
-            node = stack.pop()
-            if node.kind == "items" and node.id == item_id:
-                return node
+@bp.errorhandler(Refused)
+def refused(exc: Refused):
+    return exc.answer
+
+
+def caller() -> list[Node]:
+    """Return the token's owner's tree; raise Refused with the answer APS gives to a missing, unknown or too narrow token."""
+    store: Store = current_app.extensions["standin_store"]
+    header = request.headers.get("Authorization", "")
+    access = store.access_token(header[7:]) if header.startswith("Bearer ") else None
+    with store.transaction() as conn:
+        store.record(conn, "api", access["sub"] if access else "")  # tests count the calls that reached the API
+    if access is None:
+        body = {"developerMessage": "The required auth token is missing or invalid.", "errorCode": "AUTH-001"}
+        raise Refused((jsonify(body), 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'}))
+    if REQUIRED_SCOPE not in access["scope"].split():
+        body = {"developerMessage": "Token does not have the privilege for this request.", "errorCode": "AUTH-010"}
+        raise Refused((jsonify(body), 403))
+    _take_fault(store)
+    person = store.person(access["sub"])
+    return tree(access["sub"], person["name"] if person else "Someone")
+
+
+def _take_fault(store: Store) -> None:
+    """Act out an injected API fault, if one is due."""
+    fault = store.take_fault(API_FAULTS)
+    if fault and fault["kind"] == "api_5xx":
+        raise Refused((jsonify(errors=[_error(503, "SERVICE_UNAVAILABLE", "injected fault")]), 503))
+    if fault and fault["kind"] == "api_slow":
+        time.sleep(fault["delay"])
+    if fault and fault["kind"] == "api_large":
+        # A document far larger than any listing: "delay" carries its size in mebibytes.
+        padding = "x" * int(max(fault["delay"], 0.1) * 1024 * 1024)
+        raise Refused((jsonify(jsonapi={"version": "1.0"}, data=[], meta={"padding": padding}), 200))
+
+
+def find(nodes: list[Node], kind: str, node_id: str) -> Node | None:
+    return next((n for n in nodes if n.kind == kind and n.id == node_id), None)
+
+
+def project_of(hubs: list[Node], project_id: str) -> Node | None:
+    return next((p for hub in hubs for p in hub.children if p.id == project_id), None)
+
+
+def inside(project: Node, kind: str, node_id: str) -> Node | None:
+    """Find a folder or item anywhere in the project's folders."""
+    stack = list(project.children)
+    while stack:
+        node = stack.pop()
+        if node.kind == kind and node.id == node_id:
+            return node
+        if node.kind == "folders":
             stack.extend(node.children)
-        return None
+    return None
 
-    def url(*segments: str) -> str:
-        return issuer + "/" + "/".join(quote(s, safe=":") for s in segments)
 
-    @app.get("/project/v1/hubs")
-    def hubs():
-        hubs, refusal = caller()
-        if refusal:
-            return refusal
-        return _page(hubs, lambda hub: _hub(hub, url), url("project", "v1", "hubs"))
+def url(*segments: str) -> str:
+    return current_app.config["STANDIN"]["issuer"] + "/" + "/".join(quote(s, safe=":") for s in segments)
 
-    @app.get("/project/v1/hubs/<hub_id>/projects")
-    def projects(hub_id: str):
-        hubs, refusal = caller()
-        if refusal:
-            return refusal
-        hub = find(hubs, "hubs", hub_id)
-        if hub is None:
-            return _not_found("hub")
-        return _page(hub.children, lambda p: _project(hub, p, url), url("project", "v1", "hubs", hub_id, "projects"))
 
-    @app.get("/project/v1/hubs/<hub_id>/projects/<project_id>/topFolders")
-    def top_folders(hub_id: str, project_id: str):
-        hubs, refusal = caller()
-        if refusal:
-            return refusal
-        hub = find(hubs, "hubs", hub_id)
-        project = find(hub.children, "projects", project_id) if hub else None
-        if project is None:
-            return _not_found("project")
-        return _page(project.children, lambda f: _folder(project, f, url), url("project", "v1", "hubs", hub_id, "projects", project_id, "topFolders"))
+@bp.get("/project/v1/hubs")
+def hubs():
+    return _page(caller(), lambda hub: _hub(hub, url), url("project", "v1", "hubs"))
 
-    @app.get("/data/v1/projects/<project_id>/folders/<folder_id>/contents")
-    def folder_contents(project_id: str, folder_id: str):
-        hubs, refusal = caller()
-        if refusal:
-            return refusal
-        project = project_of(hubs, project_id)
-        folder = folder_in(project, folder_id) if project else None
-        if folder is None:
-            return _not_found("folder")
 
-        def describe(node: Node) -> dict:
-            return _folder(project, node, url) if node.kind == "folders" else _item(project, node, url)
+@bp.get("/project/v1/hubs/<hub_id>/projects")
+def projects(hub_id: str):
+    hub = find(caller(), "hubs", hub_id)
+    if hub is None:
+        return _not_found("hub")
+    return _page(hub.children, lambda p: _project(hub, p, url), url("project", "v1", "hubs", hub_id, "projects"))
 
-        def tips(nodes: list[Node]) -> list[dict]:
-            # APS includes each item's latest version next to the page.
-            return [_version(project, n, n.versions, url) for n in nodes if n.kind == "items"]
 
-        return _page(folder.children, describe, url("data", "v1", "projects", project_id, "folders", folder_id, "contents"), included=tips)
+@bp.get("/project/v1/hubs/<hub_id>/projects/<project_id>/topFolders")
+def top_folders(hub_id: str, project_id: str):
+    hub = find(caller(), "hubs", hub_id)
+    project = find(hub.children, "projects", project_id) if hub else None
+    if project is None:
+        return _not_found("project")
+    return _page(project.children, lambda f: _folder(project, f, url), url("project", "v1", "hubs", hub_id, "projects", project_id, "topFolders"))
 
-    @app.get("/data/v1/projects/<project_id>/items/<item_id>/versions")
-    def item_versions(project_id: str, item_id: str):
-        hubs, refusal = caller()
-        if refusal:
-            return refusal
-        project = project_of(hubs, project_id)
-        item = item_in(project, item_id) if project else None
-        if item is None:
-            return _not_found("item")
-        numbers = list(range(item.versions, 0, -1))  # newest first, as APS lists them
-        return _page(numbers, lambda n: _version(project, item, n, url), url("data", "v1", "projects", project_id, "items", item_id, "versions"))
+
+@bp.get("/data/v1/projects/<project_id>/folders/<folder_id>/contents")
+def folder_contents(project_id: str, folder_id: str):
+    project = project_of(caller(), project_id)
+    folder = inside(project, "folders", folder_id) if project else None
+    if folder is None:
+        return _not_found("folder")
+
+    def describe(node: Node) -> dict:
+        return _folder(project, node, url) if node.kind == "folders" else _item(project, node, url)
+
+    def tips(nodes: list[Node]) -> list[dict]:
+        # APS includes each item's latest version next to the page.
+        return [_version(project, n, n.versions, url) for n in nodes if n.kind == "items"]
+
+    return _page(folder.children, describe, url("data", "v1", "projects", project_id, "folders", folder_id, "contents"), included=tips)
+
+
+@bp.get("/data/v1/projects/<project_id>/items/<item_id>/versions")
+def item_versions(project_id: str, item_id: str):
+    project = project_of(caller(), project_id)
+    item = inside(project, "items", item_id) if project else None
+    if item is None:
+        return _not_found("item")
+    numbers = list(range(item.versions, 0, -1))  # newest first, as APS lists them
+    return _page(numbers, lambda n: _version(project, item, n, url), url("data", "v1", "projects", project_id, "items", item_id, "versions"))
 
 
 def _page(nodes: list, describe, self_url: str, included=None) -> Response:

@@ -343,6 +343,24 @@ def test_api_calls_never_redirect_to_a_silent_sign_in(app, client, standin):
     assert client.get("/api/session").status_code == 401
 
 
+def test_every_api_route_answers_401_json_after_a_grant_died_and_keeps_the_cookie_that_resumes_it(app, client, standin):
+    """The session page polls /api/lifecycle: a redirect there would drop the cookie the next page load needs to resume silently."""
+    sign_in(client)
+    _kill_grant_at_provider(app, standin)
+    assert client.get("/api/profile").status_code == 401  # the refresh finds the grant dead and ends the session
+    samples = {"path": "project/v1/hubs"}
+    routes = [rule for rule in app.url_map.iter_rules() if rule.rule.startswith("/api/") and "GET" in rule.methods]
+    assert {"/api/lifecycle", "/api/session", "/api/profile", "/api/viewer-token"} <= {rule.rule for rule in routes}
+    for rule in routes:
+        path = rule.build({name: samples[name] for name in rule.arguments})[1]
+        reply = client.get(path)
+        assert (reply.status_code, reply.is_json) == (401, True), path
+        assert "Set-Cookie" not in reply.headers, path
+    final, visited = _follow(client, client.get("/session"))
+    assert final.status_code == 200 and visited[-1] == "/session"
+    assert "/standin/authentication/v2/authorize" in visited and 'name="name"' not in final.get_data(as_text=True)
+
+
 def test_sign_out_elsewhere_is_not_undone_by_a_silent_sign_in(app, standin):
     here, there = app.test_client(), app.test_client()
     sign_in(here)

@@ -173,12 +173,13 @@ def test_waiter_rereads_after_lock_and_does_not_refresh(app, client, standin):
         assert not tokens.is_stale(fresh.access_expires_at)
 
 
-def test_waiters_write_nothing_and_the_refresher_records_how_many_waited(app, client, standin):
+def test_waiters_write_nothing_and_the_refresher_records_how_many_waited(app, client, standin, monkeypatch):
     """Requests behind a refresh only read its result; on PostgreSQL the refresher counts them on its event."""
     sign_in(client)
     expire_access_token(app)
-    standin.inject("timeout", delay=1.5)  # the refresh takes 1.5 s at the provider, then succeeds
     cookie = _session_cookie(client)
+    at_provider, answer, _ = _held_at_provider(app, monkeypatch)
+    turns = _turns_taken(app, monkeypatch)
 
     def request_profile(statuses: list) -> None:
         browser = app.test_client()
@@ -188,9 +189,7 @@ def test_waiters_write_nothing_and_the_refresher_records_how_many_waited(app, cl
     statuses: list[int] = []
     refresher = threading.Thread(target=request_profile, args=(statuses,))
     refresher.start()
-    deadline = time.monotonic() + 5
-    while not standin.fault_takers() and time.monotonic() < deadline:
-        time.sleep(0.02)  # until the refresher is at the provider, holding the turn
+    assert at_provider.wait(timeout=10)  # the refresher holds the turn, at the provider
     with app.app_context():
         engine = db.engine
     writes: list[str] = []
@@ -204,6 +203,10 @@ def test_waiters_write_nothing_and_the_refresher_records_how_many_waited(app, cl
     try:
         for thread in waiters:
             thread.start()
+        assert turns.wait_for(5)  # the refresher's and the four waiters'
+        if engine.dialect.name == "postgresql":
+            _until_postgresql_shows_waiting(4)
+        answer.set()
         for thread in [refresher, *waiters]:
             thread.join(timeout=30)
     finally:
@@ -216,6 +219,62 @@ def test_waiters_write_nothing_and_the_refresher_records_how_many_waited(app, cl
         # The waiters wrote nothing: only the refresher's rotation and event (and last-seen) were written.
         assert all("refresh_events" not in statement or "INSERT" in statement.upper() for statement in writes), writes
         assert recorded.waiters == (4 if engine.dialect.name == "postgresql" else 0)
+
+
+class _Count:
+    """A count that threads raise and a test waits for, on a condition instead of sleeps."""
+
+    def __init__(self):
+        self.value, self.changed = 0, threading.Condition()
+
+    def add(self) -> None:
+        with self.changed:
+            self.value += 1
+            self.changed.notify_all()
+
+    def wait_for(self, value: int, timeout: float = 10) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.value >= value, timeout)
+
+
+def _held_at_provider(app, monkeypatch) -> tuple[threading.Event, threading.Event, list]:
+    """Hold the provider's next refresh, once there, until the test lets it answer; list each refresh's scope."""
+    provider = app.extensions["provider"]
+    real, at_provider, answer, scopes = provider.refresh, threading.Event(), threading.Event(), []
+
+    def held(*args, **kwargs):
+        scopes.append(kwargs.get("scope"))
+        if not at_provider.is_set():
+            at_provider.set()
+            assert answer.wait(timeout=10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(provider, "refresh", held)
+    return at_provider, answer, scopes
+
+
+def _turns_taken(app, monkeypatch) -> _Count:
+    """Count the requests that go for a refresh turn (each then holds it, or waits for it)."""
+    locks, turns = app.extensions["locks"], _Count()
+    real = locks.take_turn
+
+    def counted(user_id: int) -> bool:
+        turns.add()
+        return real(user_id)
+
+    monkeypatch.setattr(locks, "take_turn", counted)
+    return turns
+
+
+def _until_postgresql_shows_waiting(count: int) -> None:
+    """Wait until PostgreSQL has that many requests queued for an advisory lock: only the database knows when one is."""
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute("SET lock_timeout = 0")
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        deadline = time.monotonic() + 10
+        while admin.execute(waiting).fetchone()[0] < count:
+            assert time.monotonic() < deadline, "the waiters never queued"
+            admin.execute("SELECT pg_sleep(0.01)")
 
 
 def test_a_refresh_waits_for_a_held_lock_only_as_long_as_a_refresh_may_take(app_factory, database_url):
@@ -405,19 +464,17 @@ def test_a_pooled_connection_is_used_without_a_ping_and_replaced_when_its_server
         # End every connection of this app's database while it sits in a pool, as a restart would.
         database = engine.url.database
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
-            deadline, alive = time.monotonic() + 5, "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
-            while (left := admin.execute(alive, (database,)).fetchone()[0]) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert left == 0
+            # With a timeout, pg_terminate_backend waits until the backend has gone.
+            admin.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s", (database,))
+            assert admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)).fetchone()[0] == 0
         assert client.get("/api/profile").status_code == 200
         assert pings  # the hung-up connection was noticed and pinged, then replaced
     finally:
         engine.dialect.do_ping = ping
 
 
-def test_a_refresh_reads_the_person_once_and_on_postgresql_writes_once(app, client):
-    """The locked read brings the person's latest refusal along; on PostgreSQL the tokens, the sessions' expiry and the event are one statement."""
+def test_a_refresh_stores_the_tokens_the_sessions_expiry_and_its_event_in_one_locked_transaction(app, client):
+    """Read under the lock, write the rotation, the event in a savepoint of its own, then one commit: a crash loses all or nothing."""
     with app.app_context():
         engine = db.engine
     sign_in(client)
@@ -438,15 +495,9 @@ def test_a_refresh_reads_the_person_once_and_on_postgresql_writes_once(app, clie
         event.remove(engine, "before_cursor_execute", note)
         event.remove(engine, "commit", note_commit)
     locked = next(i for i, s in enumerate(statements) if "FOR UPDATE" in s or s == "BEGIN IMMEDIATE")
-    rotation = statements[locked : statements.index("COMMIT", locked)]
-    if engine.dialect.name == "postgresql":
-        read, writes = rotation[0], rotation[1:]
-        assert len(writes) == 1 and writes[0].startswith("WITH person AS (UPDATE users"), rotation
-        assert "UPDATE user_sessions" in writes[0] and "INSERT INTO refresh_events" in writes[0]
-    else:
-        read = rotation[1]
-        assert [s.split()[0] for s in rotation] == ["BEGIN", "SELECT", "UPDATE", "UPDATE", "INSERT"], rotation
-    assert "FROM refresh_events" in read  # the latest refusal, read with the locked row
+    rotation = [s.split()[:3] for s in statements[locked : statements.index("COMMIT", locked)] if not s.startswith("BEGIN")]
+    assert [words[0] for words in rotation[1:]] == ["SELECT", "UPDATE", "UPDATE", "SAVEPOINT", "INSERT", "RELEASE"], rotation
+    assert [rotation[2][1], rotation[3][1], rotation[5][2]] == ["users", "user_sessions", "refresh_events"]
 
 
 def test_requests_queued_behind_a_refused_refresh_take_its_answer_without_asking_again(app_factory, standin, monkeypatch):
@@ -455,15 +506,8 @@ def test_requests_queued_behind_a_refused_refresh_take_its_answer_without_asking
     app = app_factory(OAUTH_VIEWER_SCOPE="data:create")
     client = app.test_client()
     sign_in(client)
-    provider, calls = app.extensions["provider"], []
-    real = provider.refresh
-
-    def slow_refresh(*args, **kwargs):
-        calls.append(kwargs.get("scope"))
-        time.sleep(0.4)  # a slow provider: the other requests queue meanwhile
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(provider, "refresh", slow_refresh)
+    at_provider, answer, calls = _held_at_provider(app, monkeypatch)
+    turns = _turns_taken(app, monkeypatch)
     standin.inject("5xx")  # the first refresh fails for a reason that leaves the next request to try
     cookie = _session_cookie(client)
     statuses: list[int] = []
@@ -475,12 +519,12 @@ def test_requests_queued_behind_a_refused_refresh_take_its_answer_without_asking
 
     first = threading.Thread(target=request_viewer_token)
     first.start()
-    deadline = time.monotonic() + 5
-    while not calls and time.monotonic() < deadline:
-        time.sleep(0.01)  # until the first request is at the provider, holding the turn
+    assert at_provider.wait(timeout=10)  # the first request is at the provider, holding the turn
     queued = [threading.Thread(target=request_viewer_token) for _ in range(2)]
     for thread in queued:
         thread.start()
+    assert turns.wait_for(3)  # the other two go for the turn while the first holds it
+    answer.set()
     for thread in [first, *queued]:
         thread.join(timeout=30)
     assert sorted(statuses) == [403, 403, 503]
