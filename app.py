@@ -23,6 +23,7 @@ import auth
 import backchannel
 import config
 import csrf
+import health
 import housekeeping
 import keys
 import limits
@@ -73,6 +74,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(proxy.bp)
     app.register_blueprint(backchannel.bp)
+    app.register_blueprint(health.bp)
     app.before_request(load_person)
     app.after_request(security_headers)
     app.after_request(sessions.slide_cookie)
@@ -107,7 +109,7 @@ def load_config(instance_path: str = INSTANCE, test_config: dict | None = None) 
 def load_person() -> Response | None:
     """Resolve the session cookie to a person and make sure their access token is fresh."""
     g.session = g.user = g.session_id_hash = None
-    if request.endpoint in ("static", "api.healthz"):
+    if request.endpoint in ("static", "api.healthz", "health.readyz"):
         return None
     found = sessions.load()
     session, person = found or (None, None)
