@@ -31,7 +31,7 @@ COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 RUN python3 -m venv /usr/local/python
 CMD ["python3"]
 """
-BUILDAH = ["buildah", "--storage-driver", "vfs"]
+BUILDAH = ["buildah"]
 # Debian's chroot build needs no daemon; the host network reaches PostgreSQL and the package index.
 ISOLATION = ["--isolation", "chroot", "--network", "host"]
 
@@ -70,13 +70,13 @@ def ensure_base() -> str:
         os.link(tar, Path(context) / "rootfs.tar") if tar.stat().st_dev == Path(context).stat().st_dev else shutil.copy(tar, context)
         shutil.copy("/etc/ssl/certs/ca-certificates.crt", context)
         (Path(context) / "Containerfile").write_text(BASE_CONTAINERFILE)
-        subprocess.run([*BUILDAH, "build", *ISOLATION, "--layers", "-t", name, context], check=True, capture_output=True)
+        subprocess.run([*BUILDAH, "build", *ISOLATION, "--format", "docker", "--layers", "-t", name, context], check=True, capture_output=True)
     return name
 
 
 def build(tag: str) -> subprocess.CompletedProcess:
     """Build the Dockerfile from the repository as `docker build .` would, layers cached."""
-    return subprocess.run([*BUILDAH, "build", *ISOLATION, "--layers", "-t", tag, ROOT], capture_output=True, text=True, timeout=1800)
+    return subprocess.run([*BUILDAH, "build", *ISOLATION, "--format", "docker", "--layers", "-t", tag, ROOT], capture_output=True, text=True, timeout=1800)
 
 
 if __name__ == "__main__":
