@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import pytest
 
 from servers import free_port
 
@@ -103,3 +104,31 @@ def pgbouncer(**options) -> Iterator[PgBouncer]:
         yield pooler
     finally:
         pooler.stop()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_server() -> Iterator[PgBouncer]:
+    """One PgBouncer for the test run, in front of the shared PostgreSQL."""
+    if not Path(PGBOUNCER).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{PGBOUNCER} is missing; .ci/run installs Debian's pgbouncer")
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
+    with pgbouncer() as pooler:
+        yield pooler
+
+
+@pytest.fixture
+def pooler(request) -> PgBouncer | None:
+    """The PgBouncer a test's servers reach PostgreSQL through (parametrized "pgbouncer"), or None: directly."""
+    if getattr(request, "param", None) != "pgbouncer":
+        return None
+    return request.getfixturevalue("pgbouncer_server")
+
+
+# The process tests on SQLite, on PostgreSQL, and on PostgreSQL behind PgBouncer in transaction mode.
+EVERY_DATABASE = pytest.mark.parametrize(
+    ("database_url", "pooler"), [("sqlite", None), ("postgresql", None), ("postgresql", "pgbouncer")], indirect=True, ids=["sqlite", "postgresql", "pgbouncer"]
+)
+POSTGRESQL_AND_PGBOUNCER = pytest.mark.parametrize(
+    ("database_url", "pooler"), [("postgresql", None), ("postgresql", "pgbouncer")], indirect=True, ids=["postgresql", "pgbouncer"]
+)
