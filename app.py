@@ -240,23 +240,25 @@ def _init_database(app: Flask) -> None:
     options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
     # Error messages and logs never show bound values: they are token ciphertext and email addresses.
     options.setdefault("hide_parameters", True)
-    # A request waiting for another's refresh (or sign-in, or sign-out) waits for its lock as long as a
-    # refresh may take, then gets a 503: SQLite's busy timeout, PostgreSQL's lock_timeout.
-    wait = app.config["PROVIDER_REFRESH_TIMEOUT"] + 2 * app.config["PROVIDER_TIMEOUT"]
     if uri.startswith("sqlite"):
-        options.setdefault("connect_args", {"timeout": wait})
+        # A request waiting for another's refresh (or sign-in, or sign-out) waits for the write lock as long
+        # as a refresh may take, then gets a 503 (PostgreSQL's lock_timeout: tokens.py).
+        options.setdefault("connect_args", {"timeout": tokens.lock_wait(app.config)})
         os.makedirs(app.instance_path, exist_ok=True)
         private_sqlite_file(make_url(uri).database)
+    else:
+        # What a transaction-mode pooler (PgBouncer, RDS Proxy) accepts: no startup options (the lock
+        # timeout is set inside the transaction that takes a lock, tokens.py) and no server-side prepared
+        # statements, which the pooler would send to another server connection.
+        # TCP keepalives find a server that vanished without a word (a host lost, a failover) under a pooled
+        # connection within about a minute, so the check below replaces it before use.
+        keepalives = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+        options.setdefault("connect_args", {"prepare_threshold": None, **keepalives})
     # The sign-in hook's one read per request runs on an engine of its own in autocommit: no BEGIN
     # before it, no ROLLBACK after it, and a retry instead of a ping (sessions.load). Each thread
     # keeps its own connection to it (sessions._reader): as many as the server has threads.
     binds = app.config.setdefault("SQLALCHEMY_BINDS", {})
     binds.setdefault("reads", {"url": uri, **options, "isolation_level": "AUTOCOMMIT", "max_overflow": -1})
-    if not uri.startswith("sqlite"):
-        # TCP keepalives find a server that vanished without a word (a host lost, a failover) under a pooled
-        # connection within about a minute, so the check below replaces it before use.
-        keepalives = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
-        options.setdefault("connect_args", {"options": f"-c lock_timeout={int(wait * 1000)}", **keepalives})
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
     with app.app_context():

@@ -15,8 +15,8 @@ so the database holds the locks:
    refresher's event row counts them (pg_locks) as it is written, just before its commit.
    On SQLite the turn is the database write lock (BEGIN IMMEDIATE), which waiters take one
    after another, each for a read and a commit; there no one can count them.
-   No lock is waited for longer than a refresh may take (PROVIDER_REFRESH_TIMEOUT + 2 x
-   PROVIDER_TIMEOUT: PostgreSQL's lock_timeout and SQLite's busy timeout, set per
+   No lock is waited for longer than a refresh may take (lock_wait: PostgreSQL's lock_timeout,
+   set with SET LOCAL in each transaction that takes a lock, and SQLite's busy timeout, set per
    connection in app.py); then the request gets a 503 and nothing is lost.
 2. Re-read the tokens: a waiter usually finds that the refresher already refreshed them,
    and uses the result. If that refresh failed, the waiter queues for the row lock and
@@ -166,6 +166,11 @@ class ViewerToken:
     access_token: str
     expires_at: datetime
     scope: str
+
+
+def lock_wait(cfg: dict) -> float:
+    """Return how long, in seconds, a request waits for a lock: as long as a refresh may take."""
+    return cfg["PROVIDER_REFRESH_TIMEOUT"] + 2 * cfg["PROVIDER_TIMEOUT"]
 
 
 def is_stale(expires_at: datetime | None) -> bool:
@@ -434,6 +439,7 @@ def _take_refresh_turn(user_id: int, kind: str) -> tuple[User | None, str | None
         return *_lock_for_refresh(user_id, kind), False
     db.session.commit()  # the turn must be the first thing of its own transaction
     try:
+        _limit_lock_wait()
         row = db.session.execute(_TURN_AND_LOCKED_PERSON, _refresh_read(user_id, kind)).first()
         if row is not None:
             return *row, False
@@ -471,10 +477,18 @@ def _locked(statement: Select, params: dict) -> Row | None:
         if db.engine.dialect.name == "sqlite":
             # SQLite has no row locks: take the database write lock up front (waits up to the busy timeout).
             db.session.execute(text("BEGIN IMMEDIATE"))
+        else:
+            _limit_lock_wait()
         return db.session.execute(statement, params).first()
     except OperationalError as exc:
         db.session.rollback()
         raise RefreshUnavailable("timed out waiting for another refresh of this person") from exc
+
+
+def _limit_lock_wait() -> None:
+    """Make this PostgreSQL transaction wait for a lock no longer than a refresh may take, then fail (a 503)."""
+    # SET LOCAL, not a connection setting: a transaction-mode pooler hands each transaction another server connection.
+    db.session.execute(text(f"SET LOCAL lock_timeout = {int(lock_wait(current_app.config) * 1000)}"))
 
 
 def _refresh_read(user_id: int, kind: str) -> dict:
