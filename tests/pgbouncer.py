@@ -132,3 +132,12 @@ EVERY_DATABASE = pytest.mark.parametrize(
 POSTGRESQL_AND_PGBOUNCER = pytest.mark.parametrize(
     ("database_url", "pooler"), [("postgresql", None), ("postgresql", "pgbouncer")], indirect=True, ids=["postgresql", "pgbouncer"]
 )
+
+
+@pytest.fixture
+def pgbouncer_app_factory(app_factory, database_url, pgbouncer_server):
+    """app_factory's apps, reaching this test's PostgreSQL database through PgBouncer."""
+    return lambda **overrides: app_factory(SQLALCHEMY_DATABASE_URI=pgbouncer_server.url_for(database_url), **overrides)
+
+
+ON_POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
