@@ -121,6 +121,26 @@ def test_compose_stack_is_wired_as_documented(tmp_path):
     assert purge["profiles"] == ["housekeeping"] and purge["command"] == ["flask", "--app", "app", "purge"]
 
 
+def test_compose_probes_readiness_and_waits_out_the_graceful_stop(tmp_path):
+    """Healthy means /readyz; docker stop waits longer than gunicorn's graceful stop, itself longer than a refresh."""
+    services = json.loads(compose(made_env(tmp_path), "config", "--format", "json").stdout)["services"]
+    app = services["app"]
+    assert "/readyz" in " ".join(app["healthcheck"]["test"])
+    graceful = subprocess.run(
+        [sys.executable, "-c", "import runpy; print(runpy.run_path('gunicorn.conf.py')['graceful_timeout'])"], cwd=ROOT, capture_output=True, text=True
+    )
+    grace = sum(int(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in re.findall(r"(\d+)([hms])", app["stop_grace_period"]))  # as "1m10s"
+    assert grace > int(graceful.stdout) > 30 + 10 + 10  # the refresh's budget, by default
+
+
+def test_compose_file_names_the_compose_version_it_needs():
+    """env_file with path/required came in Compose 2.24.0; CI's Compose must be at least that."""
+    assert "Docker Compose 2.24.0 or newer" in (ROOT / "docker-compose.yml").read_text()
+    assert "Compose 2.24.0" in (ROOT / "docs" / "deploy.md").read_text()
+    version = subprocess.run([*compose_command(), "version", "--short"], capture_output=True, text=True, check=True).stdout.strip().lstrip("v")
+    assert tuple(int(part) for part in version.split(".")[:2]) >= (2, 24), version
+
+
 def test_nginx_routes_the_standin_path_and_sets_the_forwarded_headers():
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     assert re.search(r"server app:8000 resolve;", conf)

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -222,3 +223,37 @@ def test_standalone_standin_runs_in_development(tmp_path):
     for environ in ({}, {"APP_ENV": "development"}, {"APP_ENV": ""}):
         environ = environ | {"STANDIN_ISSUER": "http://localhost:8080/standin", "STANDIN_DATABASE_URL": f"sqlite:///{tmp_path / 's.sqlite'}"}
         assert wsgi.create_app(environ) is not None
+
+
+@pytest.mark.slow
+def test_flask_run_on_another_port_signs_in_at_the_stand_in_on_that_port(tmp_path):
+    """The Flask habit, `flask --app app run --port N`: the embedded stand-in's issuer follows the port."""
+    import requests
+
+    from servers import http_sign_in, server_env
+
+    port = free_port()
+    env = server_env(tmp_path, f"sqlite:///{tmp_path / 'app.sqlite'}", "unused") | {"PYTHONUNBUFFERED": "1"}
+    del env["OAUTH_ISSUER"]  # the default, as after a fresh clone
+    subprocess.run([BIN / "flask", "--app", "app", "db", "upgrade"], cwd=ROOT, env=env, check=True, capture_output=True)
+    base = f"http://localhost:{port}"
+    log = tmp_path / "flask-run.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([BIN / "flask", "--app", "app", "run", "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, log.read_text()[-2000:]
+            try:
+                requests.get(f"{base}/healthz", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        login = requests.get(f"{base}/auth/login", allow_redirects=False, timeout=10)
+        assert login.headers["Location"].startswith(f"{base}/standin/authentication/v2/authorize?")
+        browser = http_sign_in(base, "Dorothy Vaughan")
+        assert browser.get(f"{base}/api/session", timeout=10).json()["user"]["name"] == "Dorothy Vaughan"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
