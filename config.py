@@ -91,6 +91,9 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         "APP_ENV": "production" if production else "development",
         "SECRET_KEY": env("SECRET_KEY") or (None if production else _kept_secret(instance_path, "secret_key", lambda: secrets.token_hex(32))),
         "SQLALCHEMY_DATABASE_URI": env("DATABASE_URL") or f"sqlite:///{Path(instance_path) / 'app.sqlite'}",
+        # Server-side prepared statements on PostgreSQL: only on a direct connection, never behind a
+        # transaction-mode pooler (PgBouncer, RDS Proxy), which sends the next execution to another server connection.
+        "DATABASE_PREPARED_STATEMENTS": _bool(environ, "DATABASE_PREPARED_STATEMENTS", False),
         "OAUTH_PROVIDER": provider,
         "OAUTH_ISSUER": issuer.rstrip("/"),
         "OAUTH_CLIENT_ID": client_id,
