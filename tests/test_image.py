@@ -27,10 +27,10 @@ TAG = "localhost/signin-app:test"
 @pytest.fixture(scope="module")
 def image():
     """Build the image from this checkout; yield buildah's command and the image's configuration."""
-    if not all(shutil.which(tool) for tool in ("buildah", "debootstrap")):
+    if not all(shutil.which(tool) for tool in ("buildah", "debootstrap")) or os.geteuid() != 0:
         if os.environ.get("CI"):
-            pytest.fail("buildah and debootstrap are missing; .ci/run installs them")
-        pytest.skip("buildah and debootstrap are not installed")
+            pytest.fail("the image test needs buildah and debootstrap (.ci/run installs them) and root (CI runs as root)")
+        pytest.skip("the image test needs buildah, debootstrap and root")
     import image as builder
 
     builder.ensure_base()
