@@ -1,7 +1,6 @@
 """The application factory: configuration, extensions, blueprints and the sign-in hook."""
 
 import contextlib
-import logging
 import os
 import select
 import sqlite3
@@ -27,6 +26,8 @@ import health
 import housekeeping
 import keys
 import limits
+import logs
+import metrics
 import pages
 import proxy
 import sessions
@@ -60,9 +61,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     except config.ConfigError as exc:
         raise SystemExit(f"Configuration error: {exc}") from None
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("tokens").setLevel(logging.INFO)
+    logs.init_app(app)
 
     # Sessions are this app's own (sessions.py): Flask's cookie session would only cost every request
     # a look at the cookie (and, named "session" like ours in development, a failed signature check).
@@ -75,6 +74,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(proxy.bp)
     app.register_blueprint(backchannel.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.before_request(load_person)
     app.after_request(security_headers)
     app.after_request(sessions.slide_cookie)
@@ -109,7 +109,7 @@ def load_config(instance_path: str = INSTANCE, test_config: dict | None = None) 
 def load_person() -> Response | None:
     """Resolve the session cookie to a person and make sure their access token is fresh."""
     g.session = g.user = g.session_id_hash = None
-    if request.endpoint in ("static", "api.healthz", "health.readyz"):
+    if request.endpoint in ("static", "api.healthz", "health.readyz", "metrics.metrics"):
         return None
     found = sessions.load()
     session, person = found or (None, None)

@@ -13,6 +13,7 @@ from itsdangerous import BadData, URLSafeTimedSerializer
 
 import backchannel
 import downscope
+import metrics
 import sessions
 import tokens
 from models import db
@@ -128,6 +129,7 @@ def callback() -> Response:
     user = tokens.save_sign_in(subject, _storable(info.get("name")), _storable(info.get("email")), grant)
     cookie = sessions.start(user, provider_sid=backchannel.sid_of(grant.id_token))
     db.session.commit()
+    metrics.count_sign_in("silent" if flow.get("silent") else "interactive")
     _prefetch_viewer_token(user)
     response = redirect(flow["next"])
     sessions.set_cookie(response, cookie, user.refresh_expires_at)
@@ -199,6 +201,7 @@ def _end_sessions(chosen: set[str] | None, next_path: str = "/") -> Response:
     this_ended = chosen is None or g.session_id_hash in chosen
     # The local state goes first and for good; the provider is told afterwards, best effort.
     tokens.revoke(tokens.end_sessions(g.session.user_id, chosen))
+    metrics.count_sign_out("everywhere" if chosen is None else "device")
     at_provider = provider_logout_url() if this_ended else None
     response = redirect(at_provider or (url_for("pages.home") if this_ended else next_path))
     if this_ended:

@@ -87,6 +87,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import undefer_group
 
 import downscope
+import metrics
 import sessions
 from models import RefreshEvent, User, UserSession, db, utcnow
 from provider import InvalidGrant, ProviderError, ProviderRejected, ProviderUnavailable, TokenResponse
@@ -300,6 +301,7 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         # Another request refreshed before us: use its result, writing nothing, so no one queues behind us.
         if not waited:
             db.session.commit()  # let go of our locks; a waiter holds none, and keeps the person it read loaded
+        metrics.observe_wait(timing[1] - timing[0])  # on SQLite the wait is for the write lock, on PostgreSQL for the turn
         _log(user_id, kind, "used_fresh", timing, trigger)
         return user
     if not user.refresh_token:
@@ -412,6 +414,7 @@ def _store_rotation(user_id: int, user: User, kind: str, used: str, reply: Token
             reason = type(exc.__cause__ or exc).__name__  # never the statement's parameters: they hold tokens
             if time.monotonic() + pause > deadline:
                 log.error(json.dumps({"event": "token_refresh", "user_id": user_id, "kind": kind, "outcome": "lost_rotation", "reason": reason}))
+                metrics.count_refresh(kind, "lost_rotation", time.monotonic() - started)
                 raise RefreshUnavailable("the rotated refresh token could not be stored") from None
             log.warning(json.dumps({"event": "rotation_store_retry", "user_id": user_id, "attempt": attempt, "reason": reason}))
             time.sleep(pause)
@@ -588,3 +591,4 @@ def _log(user_id: int, kind: str, outcome: str, timing: tuple[float, float], tri
     if reason:
         fields["reason"] = reason
     (log.warning if outcome == "lost_rotation" else log.info)(json.dumps(fields))
+    metrics.count_refresh(kind, outcome, None if outcome == "used_fresh" else time.monotonic() - started)
