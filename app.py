@@ -31,6 +31,7 @@ import metrics
 import pages
 import proxy
 import sessions
+import signout
 import standin
 import tokens
 from models import db
@@ -78,6 +79,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.before_request(load_person)
     app.after_request(security_headers)
     app.after_request(sessions.slide_cookie)
+    signout.init_app(app)
     app.register_error_handler(tokens.SignInRequired, sign_in_required)
     app.register_error_handler(tokens.RefreshUnavailable, provider_unavailable)
     app.register_error_handler(tokens.RefreshRefused, provider_refused)
@@ -129,6 +131,8 @@ def load_person() -> Response | None:
             sessions.touch(session)
     elif request.cookies.get(sessions.cookie_name()) and g.session_id_hash is None:
         g.drop_session_cookie = True  # tampered or unknown: simply signed out
+        if sessions.issued_here():
+            g.signed_out = "elsewhere"  # a sign-out on another device (or at the provider) ended it: say so
     csrf.protect()
     if g.user is not None and not g.passive and request.endpoint not in ("auth.logout", "auth.logout_everywhere", "auth.callback"):
         g.user = tokens.ensure_fresh_access_token(g.user, trigger=f"{request.method} {request.path}")

@@ -15,6 +15,7 @@ import backchannel
 import downscope
 import metrics
 import sessions
+import signout
 import tokens
 from models import db
 from provider import InvalidGrant, ProviderRejected, ProviderUnavailable
@@ -55,6 +56,7 @@ def login() -> Response:
     flows = _read_flows()
     flows["open"].append(flow)
     _write_flows(response, flows)
+    signout.forget(response)  # the person asked to sign in again
     return response
 
 
@@ -206,6 +208,7 @@ def _end_sessions(chosen: set[str] | None, next_path: str = "/") -> Response:
     response = redirect(at_provider or (url_for("pages.home") if this_ended else next_path))
     if this_ended:
         sessions.clear_cookie(response)
+        signout.remember(response, "everywhere" if chosen is None else "here")
     return response
 
 
