@@ -665,7 +665,7 @@ def test_every_gunicorn_we_start_reads_gunicorn_conf():
     """The image, the compose stand-in, the demo and the tests log and trust alike (the demo binds a fixed port, so it is read, not run)."""
     starters = {
         "deploy/entrypoint.sh": r"exec gunicorn \\\s*--config gunicorn\.conf\.py",
-        "scripts/demo": r'exec "\$venv/bin/gunicorn" --config gunicorn\.conf\.py ',
+        "scripts/demo": r'"\$venv/bin/gunicorn" --config gunicorn\.conf\.py ',
         "docker-compose.yml": r'command: \["gunicorn", "--config", "gunicorn\.conf\.py",',
         "tests/servers.py": r'\["--config", "gunicorn\.conf\.py",',
     }

@@ -125,7 +125,7 @@ def test_the_aps_names_alone_reach_the_provider(production):
 
 
 def test_gunicorn_refuses_a_graceful_stop_shorter_than_a_refresh(production):
-    """A stop that kills a worker while a refresh's reply is on its way loses that rotation: refused at start-up."""
+    """A stop that kills a worker while a refresh's reply is on its way loses that rotation: refused in production (the demo stops in 3 s)."""
     command = [BIN / "gunicorn", "--bind", f"127.0.0.1:{free_port()}", "--graceful-timeout", "20", "app:create_app()"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
