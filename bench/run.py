@@ -6,6 +6,7 @@
     .venv/bin/python bench/run.py --patch bench/patches/waiters-wait-side-by-side.diff --only expiry
     .venv/bin/python bench/run.py --only soak       # the fault soak (bench/soak.py), not part of the default run
     .venv/bin/python bench/run.py --only peers,peers-refresh   # ours beside the peers of bench/peers/
+    .venv/bin/python bench/run.py --only pooler     # 4 instances directly and through PgBouncer (bench/pooler.py)
 
 Needs PostgreSQL at postgresql://postgres@127.0.0.1:5432/postgres (BENCH_POSTGRES_ADMIN) to create
 and drop its own databases, wrk (Debian package) and pyinstrument (requirements-dev.txt). Raw
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from common import RESULTS, ROOT, machine, median, patched_tree, postgres_database, wait_for_load, workdir
 
-ALL = ("hook", "profile", "expiry", "people", "people-slow", "storage", "peers", "peers-refresh")
+ALL = ("hook", "profile", "expiry", "pooler", "people", "people-slow", "storage", "peers", "peers-refresh")
 # Run only when asked for by --only: the soak takes 6 minutes (quick: 1.5) and starts its own PostgreSQL as root.
 EXTRA = ("soak",)
 # The stand-in's answer to a refresh is delayed this long in "people-slow", like a provider across a network.
@@ -101,6 +102,10 @@ def run_one(name: str, folder, quick: bool, compare: list[str]):
 
         with postgres_database("bench_expiry") as url:
             return expiry.run(folder, url, quick)
+    if name == "pooler":
+        import pooler
+
+        return pooler.run(folder / "pooler", quick)
     if name == "peers":
         import peers_compare
 
@@ -231,6 +236,23 @@ def peers_refresh_table(results: list[dict]) -> list[str]:
     return [*out, ""]
 
 
+def pooler_table(runs: list[dict]) -> list[str]:
+    """The many-instances run directly beside the same run through PgBouncer."""
+    out = [
+        f"**Connection pooler** ({runs[0]['setup']}, {runs[0]['expiries']} expiries; PgBouncer 1.18, transaction mode, default_pool_size 10)",
+        "",
+        "| PostgreSQL reached | server connections, max (median) | refreshes per expiry | failed requests | rejected at the provider | latency p50 / p99 |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for x in runs:
+        out.append(
+            f"| {'through PgBouncer' if x['through'] == 'pgbouncer' else 'directly'} | {x['server_connections_max']} ({fmt(x['server_connections_median'])}) | "
+            f"{', '.join(map(str, x['refreshes_per_expiry']))} | {x['failed_requests']} of {x['requests']} | {x['refresh_rejected_at_provider']} | "
+            f"{fmt(x['client_latency_ms_p50'])} / {fmt(x['client_latency_ms_p99'])} ms |"
+        )
+    return [*out, ""]
+
+
 def markdown(r: dict) -> str:
     """Render the results as the README's tables."""
     m = r["machine"]
@@ -301,6 +323,8 @@ def markdown(r: dict) -> str:
             f"| client latency of all requests, p50 / p99 | {fmt(e['client_latency_ms_p50'])} / {fmt(e['client_latency_ms_p99'])} ms | |",
             "",
         ]
+    if "pooler" in r:
+        out += pooler_table(r["pooler"])
     if "peers" in r:
         out += peers_table(r["peers"])
     if "peers-refresh" in r:
