@@ -279,6 +279,24 @@ def standin_for():
 
 
 @pytest.fixture(scope="module")
+def postgres_server() -> Iterator:
+    """A PostgreSQL server of the module's own (tests/pgserver.py), for tests that stop or restart it."""
+    from pgserver import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def own_postgres(postgres_server):
+    """The module's own PostgreSQL server, running when the test starts; tests that use it build their schema from empty."""
+    if not postgres_server.running:
+        postgres_server.start()  # a test that failed while the server was stopped left it so
+    return postgres_server
+
+
+@pytest.fixture(scope="module")
 def chromium():
     """Debian's Chromium under Playwright for one test module; closed at its end, since one thread runs one Playwright at a time."""
     from browser_server import CHROMIUM, launch_chromium, playwright_session
