@@ -3,6 +3,7 @@
 import contextlib
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -57,10 +58,10 @@ def fresh_postgres_database(prefix: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def pg_database(tmp_path_factory) -> Iterator[str]:
+def pg_database() -> Iterator[str]:
     """One PostgreSQL database for this test run, migrated once; each test empties it (database_url)."""
     with fresh_postgres_database("signin_test") as url:
-        migrate_database(url, tmp_path_factory.mktemp("pg-migrate"))
+        migrate_database(url)
         yield url
 
 
@@ -68,7 +69,7 @@ def pg_database(tmp_path_factory) -> Iterator[str]:
 def sqlite_template(tmp_path_factory) -> Path:
     """One SQLite database for this test run, migrated once; each test gets a copy of the file."""
     path = tmp_path_factory.mktemp("sqlite-template") / "app.sqlite"
-    migrate_database(f"sqlite:///{path}", path.parent)
+    migrate_database(f"sqlite:///{path}")
     return path
 
 
@@ -92,7 +93,7 @@ def database_url(request, tmp_path) -> str:
         copy_private(request.getfixturevalue("sqlite_template"), path)
         return f"sqlite:///{path}"
     url = request.getfixturevalue("pg_database")
-    empty_postgres(url, tmp_path)
+    empty_postgres(url)
     return url
 
 
@@ -106,11 +107,15 @@ def empty_database_url(request, tmp_path) -> Iterator[str]:
         yield url
 
 
-def migrate_database(url: str, folder: Path) -> None:
+def migrate_database(url: str) -> None:
     """Build a database's schema by running the migrations, so the migrations are what every test runs on."""
-    app = create_app(make_config(folder, url))
-    migrate_fresh(app)
-    close_app(app)
+    with tempfile.TemporaryDirectory() as folder:  # the embedded stand-in's file, out of the test's way
+        app = create_app(make_config(Path(folder), url))
+        migrate_fresh(app)
+        close_app(app)
+    if url.startswith("postgresql"):
+        with psycopg.connect(url.replace("+psycopg", "")) as conn:
+            MIGRATED_SCHEMAS[url] = schema_of(conn)
 
 
 def copy_private(source: Path, target: Path) -> None:
@@ -119,22 +124,22 @@ def copy_private(source: Path, target: Path) -> None:
         shutil.copyfileobj(original, copy)
 
 
-def empty_postgres(url: str, folder: Path) -> None:
-    """Delete every row and restart every sequence; migrate again if a test dropped the schema or went down a revision.
+def empty_postgres(url: str) -> None:
+    """Delete every row and restart every sequence; migrate again if a test changed the schema or its revision.
 
     DELETE on these few small tables takes a few milliseconds where TRUNCATE takes tens (it makes new
     files for each table), and migrating from empty takes longer still.
     """
     # A test that left a transaction open holding row locks fails the next one here, not hangs it.
     with psycopg.connect(url.replace("+psycopg", ""), autocommit=True, options="-c lock_timeout=10s") as conn:
-        if at_head(conn):
+        if at_head(conn) and schema_of(conn) == MIGRATED_SCHEMAS.get(url):
             with conn.transaction():
                 for table in reversed(db.metadata.sorted_tables):  # rows that point at others go first
                     conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table.name)))
                 for (sequence,) in conn.execute("SELECT sequencename FROM pg_sequences WHERE schemaname = 'public'").fetchall():
                     conn.execute(sql.SQL("ALTER SEQUENCE {} RESTART").format(sql.Identifier(sequence)))
             return
-    migrate_database(url, folder)
+    migrate_database(url)
 
 
 def at_head(conn: psycopg.Connection) -> bool:
@@ -142,6 +147,28 @@ def at_head(conn: psycopg.Connection) -> bool:
         return conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD,)]
     except psycopg.errors.UndefinedTable:
         return False
+
+
+# Tests inject faults by changing the schema (a check constraint that refuses rows, a dropped index).
+SCHEMA = """
+SELECT md5(coalesce(string_agg(item, E'\n' ORDER BY item), '')) FROM (
+    SELECT format('column %s.%s %s %s %s', table_name, column_name, data_type, is_nullable, column_default) AS item
+        FROM information_schema.columns WHERE table_schema = 'public'
+    UNION ALL SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = 'public'
+    UNION ALL SELECT format('constraint %s %s %s', conrelid::regclass, conname, pg_get_constraintdef(oid))
+        FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+    UNION ALL SELECT format('trigger %s %s', tgrelid::regclass, tgname)
+        FROM pg_trigger JOIN pg_class ON pg_class.oid = tgrelid WHERE relnamespace = 'public'::regnamespace AND NOT tgisinternal
+    UNION ALL SELECT 'function ' || oid::regprocedure FROM pg_proc WHERE pronamespace = 'public'::regnamespace
+) AS schema
+"""
+# Each run's PostgreSQL database: its schema as the migrations built it.
+MIGRATED_SCHEMAS: dict[str, str] = {}
+
+
+def schema_of(conn: psycopg.Connection) -> str:
+    """Return a digest of the public schema: columns, indexes, constraints, triggers and functions."""
+    return conn.execute(SCHEMA).fetchone()[0]
 
 
 def make_config(tmp_path, database_url: str, **overrides) -> dict:
