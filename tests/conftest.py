@@ -151,7 +151,7 @@ def at_head(conn: psycopg.Connection) -> bool:
 
 # Tests inject faults by changing the schema (a check constraint that refuses rows, a dropped index).
 SCHEMA = """
-SELECT md5(coalesce(string_agg(item, E'\n' ORDER BY item), '')) FROM (
+SELECT md5(coalesce(string_agg(item, '; ' ORDER BY item), '')) FROM (
     SELECT format('column %s.%s %s %s %s', table_name, column_name, data_type, is_nullable, column_default) AS item
         FROM information_schema.columns WHERE table_schema = 'public'
     UNION ALL SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = 'public'
