@@ -1,7 +1,6 @@
 """The application factory: configuration, extensions, blueprints and the sign-in hook."""
 
 import contextlib
-import logging
 import os
 import select
 import sqlite3
@@ -26,9 +25,12 @@ import csrf
 import housekeeping
 import keys
 import limits
+import logs
+import metrics
 import pages
 import proxy
 import sessions
+import signout
 import standin
 import tokens
 from models import db
@@ -59,9 +61,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     except config.ConfigError as exc:
         raise SystemExit(f"Configuration error: {exc}") from None
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("tokens").setLevel(logging.INFO)
+    logs.init_app(app)
 
     # Sessions are this app's own (sessions.py): Flask's cookie session would only cost every request
     # a look at the cookie (and, named "session" like ours in development, a failed signature check).
@@ -73,9 +73,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(proxy.bp)
     app.register_blueprint(backchannel.bp)
+    app.register_blueprint(metrics.bp)
     app.before_request(load_person)
     app.after_request(security_headers)
     app.after_request(sessions.slide_cookie)
+    signout.init_app(app)
     app.register_error_handler(tokens.SignInRequired, sign_in_required)
     app.register_error_handler(tokens.RefreshUnavailable, provider_unavailable)
     app.register_error_handler(tokens.RefreshRefused, provider_refused)
@@ -107,7 +109,7 @@ def load_config(instance_path: str = INSTANCE, test_config: dict | None = None) 
 def load_person() -> Response | None:
     """Resolve the session cookie to a person and make sure their access token is fresh."""
     g.session = g.user = g.session_id_hash = None
-    if request.endpoint in ("static", "api.healthz"):
+    if request.endpoint in ("static", "api.healthz", "metrics.metrics"):
         return None
     found = sessions.load()
     session, person = found or (None, None)
@@ -127,6 +129,8 @@ def load_person() -> Response | None:
             sessions.touch(session)
     elif request.cookies.get(sessions.cookie_name()) and g.session_id_hash is None:
         g.drop_session_cookie = True  # tampered or unknown: simply signed out
+        if sessions.issued_here():
+            g.signed_out = "elsewhere"  # a sign-out on another device (or at the provider) ended it: say so
     csrf.protect()
     if g.user is not None and not g.passive and request.endpoint not in ("auth.logout", "auth.logout_everywhere", "auth.callback"):
         g.user = tokens.ensure_fresh_access_token(g.user, trigger=f"{request.method} {request.path}")
@@ -238,23 +242,25 @@ def _init_database(app: Flask) -> None:
     options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
     # Error messages and logs never show bound values: they are token ciphertext and email addresses.
     options.setdefault("hide_parameters", True)
-    # A request waiting for another's refresh (or sign-in, or sign-out) waits for its lock as long as a
-    # refresh may take, then gets a 503: SQLite's busy timeout, PostgreSQL's lock_timeout.
-    wait = app.config["PROVIDER_REFRESH_TIMEOUT"] + 2 * app.config["PROVIDER_TIMEOUT"]
     if uri.startswith("sqlite"):
-        options.setdefault("connect_args", {"timeout": wait})
+        # A request waiting for another's refresh (or sign-in, or sign-out) waits for the write lock as long
+        # as a refresh may take, then gets a 503 (PostgreSQL's lock_timeout: tokens.py).
+        options.setdefault("connect_args", {"timeout": tokens.lock_wait(app.config)})
         os.makedirs(app.instance_path, exist_ok=True)
         private_sqlite_file(make_url(uri).database)
+    else:
+        # What a transaction-mode pooler (PgBouncer, RDS Proxy) accepts: no startup options (the lock
+        # timeout is set inside the transaction that takes a lock, tokens.py) and no server-side prepared
+        # statements, which the pooler would send to another server connection.
+        # TCP keepalives find a server that vanished without a word (a host lost, a failover) under a pooled
+        # connection within about a minute, so the check below replaces it before use.
+        keepalives = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+        options.setdefault("connect_args", {"prepare_threshold": None, **keepalives})
     # The sign-in hook's one read per request runs on an engine of its own in autocommit: no BEGIN
     # before it, no ROLLBACK after it, and a retry instead of a ping (sessions.load). Each thread
     # keeps its own connection to it (sessions._reader): as many as the server has threads.
     binds = app.config.setdefault("SQLALCHEMY_BINDS", {})
     binds.setdefault("reads", {"url": uri, **options, "isolation_level": "AUTOCOMMIT", "max_overflow": -1})
-    if not uri.startswith("sqlite"):
-        # TCP keepalives find a server that vanished without a word (a host lost, a failover) under a pooled
-        # connection within about a minute, so the check below replaces it before use.
-        keepalives = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
-        options.setdefault("connect_args", {"options": f"-c lock_timeout={int(wait * 1000)}", **keepalives})
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
     with app.app_context():

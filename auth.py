@@ -13,7 +13,9 @@ from itsdangerous import BadData, URLSafeTimedSerializer
 
 import backchannel
 import downscope
+import metrics
 import sessions
+import signout
 import tokens
 from models import db
 from provider import InvalidGrant, ProviderRejected, ProviderUnavailable
@@ -54,6 +56,7 @@ def login() -> Response:
     flows = _read_flows()
     flows["open"].append(flow)
     _write_flows(response, flows)
+    signout.forget(response)  # the person asked to sign in again
     return response
 
 
@@ -128,6 +131,7 @@ def callback() -> Response:
     user = tokens.save_sign_in(subject, _storable(info.get("name")), _storable(info.get("email")), grant)
     cookie = sessions.start(user, provider_sid=backchannel.sid_of(grant.id_token))
     db.session.commit()
+    metrics.count_sign_in("silent" if flow.get("silent") else "interactive")
     _prefetch_viewer_token(user)
     response = redirect(flow["next"])
     sessions.set_cookie(response, cookie, user.refresh_expires_at)
@@ -199,10 +203,12 @@ def _end_sessions(chosen: set[str] | None, next_path: str = "/") -> Response:
     this_ended = chosen is None or g.session_id_hash in chosen
     # The local state goes first and for good; the provider is told afterwards, best effort.
     tokens.revoke(tokens.end_sessions(g.session.user_id, chosen))
+    metrics.count_sign_out("everywhere" if chosen is None else "device")
     at_provider = provider_logout_url() if this_ended else None
     response = redirect(at_provider or (url_for("pages.home") if this_ended else next_path))
     if this_ended:
         sessions.clear_cookie(response)
+        signout.remember(response, "everywhere" if chosen is None else "here")
     return response
 
 

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import threading
 import time
+import unicodedata
 from datetime import UTC, datetime, timedelta
 
 import jwt
@@ -20,6 +21,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 
+import metrics
 import tokens
 from models import SeenLogoutToken, User, UserSession, db, utcnow
 
@@ -93,6 +95,7 @@ def logout() -> tuple[Response, int] | Response:
         log.info("back-channel logout refused: %s", exc)
         return _refuse(str(exc))
     ended = end_sessions(claims.get("sub"), claims.get("sid"))
+    metrics.count_sign_out("backchannel")
     log.info("back-channel logout ended %d session(s)", ended)
     return Response(status=200)
 
@@ -147,7 +150,8 @@ def validate(token: str, issuer: str, jwks_url: str) -> dict:
 
 
 def _text(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 255
+    # PostgreSQL refuses NUL in text, and no encoding holds a lone surrogate (JSON's "\\ud800"): such a claim is a bad token.
+    return isinstance(value, str) and 0 < len(value) <= 255 and not any(unicodedata.category(c) in ("Cc", "Cs") for c in value)
 
 
 def _issued_at(claims: dict) -> datetime:

@@ -33,6 +33,8 @@ APP_ENVS = ("development", "production")
 # A signing key shorter than this is guessable offline from one signed cookie.
 MIN_SECRET_KEY_BYTES = 32
 
+LOG_FORMATS = ("text", "json")
+
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off"}
 
@@ -127,6 +129,9 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         # An API answer must come whole within this many seconds and bytes, or the proxy answers 504 / 502.
         "APS_PROXY_TIMEOUT": _int(environ, "APS_PROXY_TIMEOUT", 10),
         "APS_PROXY_MAX_BYTES": _int(environ, "APS_PROXY_MAX_BYTES", 2 * 1024 * 1024),
+        # Who may read GET /metrics besides the loopback: networks such as the compose network's.
+        "METRICS_ALLOW": _networks(environ, "METRICS_ALLOW"),
+        "LOG_FORMAT": log_format(environ),
     }
     return config
 
@@ -207,6 +212,24 @@ def _paths(raw: str | None) -> tuple[str, ...]:
         if not all(seg == "*" or re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", seg) for seg in template.strip("/").split("/")):
             raise ConfigError(f"APS_PROXY_PATHS holds path templates such as data/v1/projects/*/folders/*/contents, got {template!r}.")
     return tuple(t.strip("/") for t in templates)
+
+
+def log_format(environ: Mapping[str, str]) -> str:
+    """Read LOG_FORMAT: text for a person at a terminal (development's default), json for a log pipeline (production's)."""
+    default = "json" if environ.get("APP_ENV") == "production" else "text"
+    value = environ.get("LOG_FORMAT") or default
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT must be text or json, got {value!r}.")
+    return value
+
+
+def _networks(environ: Mapping[str, str], name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Read networks (CIDRs such as 172.16.0.0/12, or single addresses) separated by spaces or commas."""
+    raw = environ.get(name) or ""
+    try:
+        return tuple(ipaddress.ip_network(part) for part in raw.replace(",", " ").split())
+    except ValueError:
+        raise ConfigError(f"{name} holds networks such as 10.0.0.0/8 or 172.18.0.0/16, separated by spaces, got {raw!r}.") from None
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:

@@ -5,6 +5,10 @@
 Options on the command line (and GUNICORN_CMD_ARGS) take precedence over these.
 """
 
+import glob
+import os
+import shutil
+import tempfile
 from urllib.parse import quote
 
 from gunicorn.glogging import Logger
@@ -34,15 +38,62 @@ class PathEscapingLogger(Logger):
 logger_class = PathEscapingLogger
 
 
+def json_logs() -> dict:
+    """Return logconfig_dict for LOG_FORMAT=json: gunicorn's messages, the access log and the app's all as JSON lines."""
+    # Imported here: a module-level name of this file is read as a gunicorn setting ("config" is one).
+    import config
+    import logs
+
+    try:
+        wanted = config.log_format(os.environ)
+    except config.ConfigError:
+        return {}  # on_starting stops gunicorn with the sentence
+    return logs.gunicorn_logconfig() if wanted == "json" else {}
+
+
+logconfig_dict = json_logs()
+
+
+def fresh_metrics_dir() -> None:
+    """Give prometheus_client's multiprocess mode an empty directory, before anything imports it.
+
+    PROMETHEUS_MULTIPROC_DIR, when set, is emptied of the counts of earlier runs (which would be added
+    to this run's); unset, a new directory is made for this master and removed when it exits.
+    """
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for stale in glob.glob(os.path.join(path, "*.db")):
+            os.remove(stale)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ["SIGNIN_METRICS_DIR_MADE"] = tempfile.mkdtemp(prefix="signin-metrics-")
+
+
+def child_exit(server, worker) -> None:
+    """Tell prometheus_client a worker died, so its per-process gauges stop being reported."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    """Remove the metrics directory this master made."""
+    made = os.environ.get("SIGNIN_METRICS_DIR_MADE")
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
+
+
 def on_starting(server) -> None:
     """Check the app's settings once, in the master, before any worker starts.
 
     A worker that fails to load the app exits with code 1, which gunicorn answers by starting another,
     for ever: a missing SECRET_KEY would never stop. Refused here, gunicorn exits at once with the sentence.
     """
+    import config
+
+    fresh_metrics_dir()
     if (getattr(server.app, "app_uri", None) or "").split(":")[0] != "app":
         return  # another app under the same settings (the compose stand-in)
-    import config
     from app import load_config
 
     try:

@@ -1,6 +1,9 @@
 """What a person sees: home, the token lifecycle made visible, their devices, their hubs, and the viewer demo."""
 
+import base64
+import binascii
 import functools
+import json
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -8,7 +11,9 @@ from datetime import UTC, datetime, timedelta
 from flask import Blueprint, Response, abort, current_app, g, jsonify, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
+import bearer
 import proxy
+import signout
 from auth import SIGN_IN_TRIGGER
 from models import RefreshEvent, User, UserSession, db, utcnow
 from redirects import safe_next
@@ -35,11 +40,13 @@ APS_VIEWER_CSP = (
 
 
 def login_required(view: Callable) -> Callable:
-    """Send a signed-out person through sign-in and back to this page."""
+    """Send a signed-out person through sign-in and back to this page; one signed out on purpose is told so first."""
 
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
         if g.get("user") is None:
+            if signout.reason():
+                return signout.page()
             return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?"))))
         return view(*args, **kwargs)
 
@@ -86,18 +93,27 @@ def browse():
     return render_template("browse.html", upstream=proxy.api_base() or "", api_prefix=proxy.PREFIX)
 
 
+# A Model Derivative URN: a version's id, base64url-encoded without padding.
+URN = re.compile(r"[A-Za-z0-9_-]{1,800}")
+# What it decodes to: urn:adsk.wipprod:fs.file:vf.<lineage>?version=<n> for a Data Management version.
+VERSION_ID = re.compile(r"urn:[A-Za-z0-9._:-]+(?:\?version=(\d{1,9}))?")
+
+
 @bp.get("/viewer")
 @login_required
 def viewer():
-    """Show how a browser-side viewer gets and renews its narrow token from /api/viewer-token."""
+    """Show how a browser-side viewer gets and renews its narrow token from /api/viewer-token, and which file it shows."""
     config = current_app.config
     aps = config["OAUTH_PROVIDER"] == "autodesk"
+    urn = request.args.get("urn")
+    shown = viewed_file(urn, request.args.get("project", "")) if urn is not None else None
     html = render_template(
         "viewer.html",
         aps=aps,
         aps_js=APS_VIEWER_JS,
         aps_css=APS_VIEWER_CSS,
-        urn=request.args.get("urn", "") if aps else "",
+        urn=urn if aps and shown else "",
+        shown=shown,
         viewer_scope=config["OAUTH_VIEWER_SCOPE"],
         full_scope=config["OAUTH_SCOPES"],
         leeway=config["TOKEN_REFRESH_LEEWAY"],
@@ -107,6 +123,38 @@ def viewer():
         # Only this page runs Autodesk's code; the app's strict policy (set by default) holds everywhere else.
         response.headers["Content-Security-Policy"] = APS_VIEWER_CSP
     return response
+
+
+def viewed_file(urn: str, project: str) -> dict:
+    """Check a viewer link's URN and name the file version it stands for; a malformed link is a 400."""
+    try:
+        version_id = base64.urlsafe_b64decode(urn + "=" * (-len(urn) % 4)).decode("ascii") if URN.fullmatch(urn) else ""
+    except (binascii.Error, UnicodeDecodeError):
+        version_id = ""
+    found = VERSION_ID.fullmatch(version_id)
+    if found is None:
+        abort(400, "This viewer link's urn is not the URN of a model: open the file again from Your hubs.")
+    if project and not proxy.SEGMENT.fullmatch(project):
+        abort(400, "This viewer link's project is not a project id: open the file again from Your hubs.")
+    version = found.group(1)
+    return {"version_id": version_id, "version": int(version) if version else None, "name": _version_name(version_id, project)}
+
+
+def _version_name(version_id: str, project: str) -> str | None:
+    """Ask the Data Management API for the version's file name, through the person's token; None if it cannot say."""
+    base = proxy.api_base()
+    if not (base and project and ":fs.file:vf." in version_id):
+        return None
+    # A version's item (its lineage) is named like the version: fs.file:vf.<id>?version=<n> -> dm.lineage:<id>.
+    item = version_id.partition("?")[0].replace(":fs.file:vf.", ":dm.lineage:")
+    url = f"{base}/data/v1/projects/{project}/items/{item}/versions"
+    try:
+        answer = bearer.call_with_access_token(g.user, lambda token: proxy.fetch(url, token), trigger=f"GET {request.path}")
+        listed = json.loads(answer.body or b"{}").get("data", []) if answer.status == 200 else []
+    except (proxy.UpstreamFailed, ValueError, AttributeError):
+        return None
+    names = [v.get("attributes", {}).get("displayName") for v in listed if isinstance(v, dict) and v.get("id") == version_id]
+    return names[0] if names and isinstance(names[0], str) else None
 
 
 def lifecycle(user: User) -> dict:
@@ -129,6 +177,7 @@ def lifecycle(user: User) -> dict:
     access_refresh_at = user.access_expires_at - timedelta(seconds=leeway) if user.access_expires_at else None
     here = g.get("session")
     here_since = None if here is None else db.session.execute(select(UserSession.created_at).where(UserSession.id_hash == here.id_hash)).scalar_one_or_none()
+    refreshes_here = _silent_refreshes(user, here_since)
     # The person's latest sign-in may have been on another device: each sign-in there shows here too.
     elsewhere = here_since is not None and user.signed_in_at is not None and here_since < user.signed_in_at - timedelta(seconds=1)
     return {
@@ -153,7 +202,10 @@ def lifecycle(user: User) -> dict:
             "expires_at": _iso(user.refresh_expires_at),
             "expires_in": until(user.refresh_expires_at),
             "lifetime": int(REFRESH_TOKEN_LIFETIME.total_seconds()),
+            # Rotations of the current refresh token, issued by the latest sign-in on any device (the viewer token's refresh counts).
             "rotations": user.refresh_rotations,
+            # What the session page counts: silent refreshes since this device signed in, whichever device caused them.
+            "refreshes_here": refreshes_here,
             "last_rotation": _last_rotation(events),
         },
         "viewer": {
@@ -176,6 +228,19 @@ def lifecycle(user: User) -> dict:
             for e in events
         ],
     }
+
+
+def _silent_refreshes(user: User, since: datetime | None) -> int:
+    """Count the refreshes since a moment that were no part of a sign-in: each one rotated the person's refresh token."""
+    if since is None:
+        return 0
+    query = select(func.count()).where(
+        RefreshEvent.user_id == user.id,
+        RefreshEvent.outcome == "refreshed",
+        RefreshEvent.at >= since,
+        RefreshEvent.trigger.not_like(f"%{SIGN_IN_TRIGGER}"),
+    )
+    return db.session.execute(query).scalar_one()
 
 
 def _last_rotation(events: list[RefreshEvent]) -> str:

@@ -5,22 +5,28 @@ the address as the client sent it, before any decoding a server might do differe
 segment, an encoded slash or backslash, or a doubly encoded character is refused, not passed on.
 The query string goes through with its encoding as it came. The answer comes back with its status,
 JSON body and a few harmless headers, never the upstream's cookies or authentication headers, and
-only if it arrives whole within APS_PROXY_TIMEOUT seconds and APS_PROXY_MAX_BYTES bytes.
+only if it arrives whole within APS_PROXY_TIMEOUT seconds and APS_PROXY_MAX_BYTES bytes. No cookie
+goes to the API host: the proxy keeps none.
 """
 
 import json
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import quote, quote_from_bytes, unquote
 
 import requests
+import urllib3
 from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 
 import bearer
+import metrics
 from provider import InvalidGrant
 
 bp = Blueprint("proxy", __name__)
+bp.after_request(metrics.count_proxy_response)  # every answer, the error pages and refusals too
 
 PREFIX = "/api/aps/"
 # What a decoded path segment may hold: APS ids are like b.1a2b-3c or urn:adsk.wipprod:fs.folder:co.Ab_9.
@@ -103,10 +109,9 @@ def fetch(url: str, access_token: str) -> Answer:
     config = current_app.config
     limit, timeout = config["APS_PROXY_MAX_BYTES"], config["APS_PROXY_TIMEOUT"]
     deadline = time.monotonic() + timeout
-    http = current_app.extensions["provider"].http
     headers = {"Authorization": f"Bearer {access_token}", "Accept": "application/vnd.api+json, application/json"}
     try:
-        reply = http.get(url, headers=headers, timeout=(min(timeout, config["PROVIDER_TIMEOUT"]), timeout), stream=True, allow_redirects=False)
+        reply = _http().get(url, headers=headers, timeout=(min(timeout, config["PROVIDER_TIMEOUT"]), timeout), stream=True, allow_redirects=False)
         with reply:
             if reply.status_code == 401:
                 raise InvalidGrant("the API host refused the access token")
@@ -114,12 +119,10 @@ def fetch(url: str, access_token: str) -> Answer:
             if declared.isdigit() and int(declared) > limit:
                 raise _too_large(limit)
             body = bytearray()
-            for chunk in reply.iter_content(READ_CHUNK):
+            for chunk in _chunks(reply, deadline):
                 body += chunk
                 if len(body) > limit:
                     raise _too_large(limit)
-                if time.monotonic() > deadline:
-                    raise _too_slow(timeout)
     except requests.Timeout:
         raise _too_slow(timeout) from None
     except requests.RequestException as exc:
@@ -127,6 +130,49 @@ def fetch(url: str, access_token: str) -> Answer:
     if time.monotonic() > deadline:
         raise _too_slow(timeout)
     return _answer(reply, bytes(body))
+
+
+def _http() -> requests.Session:
+    """Return the proxy's HTTP session: the provider's transports, with a cookie jar that keeps nothing.
+
+    One session serves everyone: a cookie the API host set while answering one person would go
+    with the next person's request.
+    """
+    http = current_app.extensions.get("proxy_http")
+    if http is None:
+        http = requests.Session()
+        http.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        for prefix, adapter in current_app.extensions["provider"].http.adapters.items():
+            http.mount(prefix, adapter)  # the stand-in in process, the provider's back channel, the connection pools
+        current_app.extensions["proxy_http"] = http
+    return http
+
+
+def _chunks(reply: requests.Response, deadline: float) -> Iterator[bytes]:
+    """Yield the body as it arrives until the deadline: each receive may wait only for the time left.
+
+    A read timeout alone bounds each wait, not the whole: a server sending a byte now and then
+    would hold the answer open as long as it liked.
+    """
+    if reply.raw is None or reply.raw.connection is None:
+        yield from reply.iter_content(READ_CHUNK)  # already all here (in-process transport, or an empty body)
+        return
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise requests.ReadTimeout("the answer did not arrive whole in time")
+        # The connection goes back to the pool once the body is read: never touch it after that.
+        if reply.raw.connection is not None and reply.raw.connection.sock is not None:
+            reply.raw.connection.sock.settimeout(left)
+        try:
+            chunk = reply.raw.read1(READ_CHUNK)
+        except urllib3.exceptions.ReadTimeoutError:
+            raise requests.ReadTimeout("the answer did not arrive whole in time") from None
+        except urllib3.exceptions.HTTPError as exc:
+            raise requests.ConnectionError(exc) from None
+        if not chunk:
+            return
+        yield chunk
 
 
 def _answer(reply: requests.Response, body: bytes) -> Answer:

@@ -110,6 +110,12 @@ def load() -> tuple[Current, Person] | None:
     return (Current(row), Person(row)) if row is not None else None
 
 
+def issued_here() -> bool:
+    """Tell whether this request's session cookie is one this app signed, whatever became of its session since."""
+    value = request.cookies.get(cookie_name(), "")
+    return 0 < len(value) <= MAX_COOKIE_LENGTH and _signer().validate(value)
+
+
 def _read(id_hash: str):
     # Not through db.session: one statement needs no Session, no ORM and, on the "reads" engine
     # (autocommit, app.py), no BEGIN before it and no ROLLBACK after it.

@@ -15,8 +15,8 @@ so the database holds the locks:
    refresher's event row counts them (pg_locks) as it is written, just before its commit.
    On SQLite the turn is the database write lock (BEGIN IMMEDIATE), which waiters take one
    after another, each for a read and a commit; there no one can count them.
-   No lock is waited for longer than a refresh may take (PROVIDER_REFRESH_TIMEOUT + 2 x
-   PROVIDER_TIMEOUT: PostgreSQL's lock_timeout and SQLite's busy timeout, set per
+   No lock is waited for longer than a refresh may take (lock_wait: PostgreSQL's lock_timeout,
+   set with SET LOCAL in each transaction that takes a lock, and SQLite's busy timeout, set per
    connection in app.py); then the request gets a 503 and nothing is lost.
 2. Re-read the tokens: a waiter usually finds that the refresher already refreshed them,
    and uses the result. If that refresh failed, the waiter queues for the row lock and
@@ -87,6 +87,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import undefer_group
 
 import downscope
+import metrics
 import sessions
 from models import RefreshEvent, User, UserSession, db, utcnow
 from provider import InvalidGrant, ProviderError, ProviderRejected, ProviderUnavailable, TokenResponse
@@ -166,6 +167,11 @@ class ViewerToken:
     access_token: str
     expires_at: datetime
     scope: str
+
+
+def lock_wait(cfg: dict) -> float:
+    """Return how long, in seconds, a request waits for a lock: as long as a refresh may take."""
+    return cfg["PROVIDER_REFRESH_TIMEOUT"] + 2 * cfg["PROVIDER_TIMEOUT"]
 
 
 def is_stale(expires_at: datetime | None) -> bool:
@@ -295,6 +301,7 @@ def _refresh(user_id: int, kind: str, trigger: str, rejected: str | None = None)
         # Another request refreshed before us: use its result, writing nothing, so no one queues behind us.
         if not waited:
             db.session.commit()  # let go of our locks; a waiter holds none, and keeps the person it read loaded
+        metrics.observe_wait(timing[1] - timing[0])  # on SQLite the wait is for the write lock, on PostgreSQL for the turn
         _log(user_id, kind, "used_fresh", timing, trigger)
         return user
     if not user.refresh_token:
@@ -407,6 +414,7 @@ def _store_rotation(user_id: int, user: User, kind: str, used: str, reply: Token
             reason = type(exc.__cause__ or exc).__name__  # never the statement's parameters: they hold tokens
             if time.monotonic() + pause > deadline:
                 log.error(json.dumps({"event": "token_refresh", "user_id": user_id, "kind": kind, "outcome": "lost_rotation", "reason": reason}))
+                metrics.count_refresh(kind, "lost_rotation", time.monotonic() - started)
                 raise RefreshUnavailable("the rotated refresh token could not be stored") from None
             log.warning(json.dumps({"event": "rotation_store_retry", "user_id": user_id, "attempt": attempt, "reason": reason}))
             time.sleep(pause)
@@ -434,6 +442,7 @@ def _take_refresh_turn(user_id: int, kind: str) -> tuple[User | None, str | None
         return *_lock_for_refresh(user_id, kind), False
     db.session.commit()  # the turn must be the first thing of its own transaction
     try:
+        _limit_lock_wait()
         row = db.session.execute(_TURN_AND_LOCKED_PERSON, _refresh_read(user_id, kind)).first()
         if row is not None:
             return *row, False
@@ -471,10 +480,18 @@ def _locked(statement: Select, params: dict) -> Row | None:
         if db.engine.dialect.name == "sqlite":
             # SQLite has no row locks: take the database write lock up front (waits up to the busy timeout).
             db.session.execute(text("BEGIN IMMEDIATE"))
+        else:
+            _limit_lock_wait()
         return db.session.execute(statement, params).first()
     except OperationalError as exc:
         db.session.rollback()
         raise RefreshUnavailable("timed out waiting for another refresh of this person") from exc
+
+
+def _limit_lock_wait() -> None:
+    """Make this PostgreSQL transaction wait for a lock no longer than a refresh may take, then fail (a 503)."""
+    # SET LOCAL, not a connection setting: a transaction-mode pooler hands each transaction another server connection.
+    db.session.execute(text(f"SET LOCAL lock_timeout = {int(lock_wait(current_app.config) * 1000)}"))
 
 
 def _refresh_read(user_id: int, kind: str) -> dict:
@@ -574,3 +591,4 @@ def _log(user_id: int, kind: str, outcome: str, timing: tuple[float, float], tri
     if reason:
         fields["reason"] = reason
     (log.warning if outcome == "lost_rotation" else log.info)(json.dumps(fields))
+    metrics.count_refresh(kind, outcome, None if outcome == "used_fresh" else time.monotonic() - started)

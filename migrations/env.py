@@ -8,8 +8,9 @@ from flask import current_app
 from sqlalchemy import TypeDecorator, text
 
 config = context.config
-# Keep the app's own loggers (token refresh lines) alive when migrations run inside it.
-fileConfig(config.config_file_name, disable_existing_loggers=False)
+if current_app.config["LOG_FORMAT"] != "json":  # JSON lines: the app's handler (logs.py) writes Alembic's too
+    # Keep the app's own loggers (token refresh lines) alive when migrations run inside it.
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 logger = logging.getLogger("alembic.env")
 
 db = current_app.extensions["migrate"].db

@@ -131,7 +131,8 @@
       var urn = viewerUrn(entry, included);
       if (urn) {
         var link = document.createElement("a");
-        link.href = viewer + "?urn=" + encodeURIComponent(urn);
+        // The project lets the viewer page ask the API for the version's name.
+        link.href = viewer + "?urn=" + encodeURIComponent(urn) + (context.project ? "&project=" + encodeURIComponent(context.project) : "");
         link.textContent = "Open in viewer";
         link.tabIndex = -1; // the tree item is the one focus stop; Enter follows this link
         link.className = "tree-open";

@@ -28,14 +28,55 @@
 
   // The header follows when a page learns it is signed out (a sign-out from another device): no name, no Sign out.
   function signedOutHeader() {
-    var nav = document.querySelector("header.site nav");
-    if (!nav || nav.dataset.signedOut) return;
+    var header = document.querySelector("header.site");
+    var account = header && header.querySelector(".account");
+    if (!account || header.dataset.signedOut) return;
+    var nav = header.querySelector("nav");
+    if (nav) nav.remove();
     var link = document.createElement("a");
     link.className = "button primary";
     link.href = "/auth/login?next=" + encodeURIComponent(location.pathname);
     link.textContent = "Sign in";
-    nav.replaceChildren(link);
-    nav.dataset.signedOut = "1";
+    account.replaceChildren(link);
+    header.dataset.signedOut = "1";
+  }
+
+  // A path, id or trigger in <code> that may break only after a "/", ":" or "?" (templates/macros.html does the same).
+  function breakable(text) {
+    var code = document.createElement("code");
+    code.className = "breakable";
+    text.split(" ").forEach(function (word, i) {
+      if (i) code.append(" ");
+      (word.match(/[^/:?]*[/:?]+|[^/:?]+$/g) || [word]).forEach(function (part, j) {
+        if (j) code.append(document.createElement("wbr"));
+        var span = document.createElement("span");
+        span.textContent = part;
+        code.append(span);
+      });
+    });
+    return code;
+  }
+
+  // A table wider than its box scrolls sideways: say so above it, naming the columns out of sight.
+  function scrollCues() {
+    document.querySelectorAll(".table-wrap").forEach(function (wrap) {
+      var cue = wrap.previousElementSibling;
+      if (!cue || !cue.classList.contains("scroll-cue")) {
+        cue = document.createElement("p");
+        cue.className = "scroll-cue";
+        cue.setAttribute("aria-hidden", "true"); // a screen reader reads every column anyway
+        wrap.before(cue);
+        wrap.addEventListener("scroll", scrollCues, { passive: true });
+      }
+      var edge = wrap.scrollLeft + wrap.clientWidth + 1;
+      var hidden = Array.prototype.filter.call(wrap.querySelectorAll("thead th"), function (th) {
+        return th.offsetLeft + th.offsetWidth > edge;
+      }).map(function (th) { return th.textContent; });
+      var scrolls = wrap.scrollWidth > wrap.clientWidth + 1;
+      wrap.classList.toggle("scrolls", scrolls);
+      cue.hidden = !scrolls;
+      cue.textContent = hidden.length ? "Scroll the table sideways for " + hidden.join(", ") + " →" : "Scroll the table sideways to see it all ←";
+    });
   }
 
   // A page's status line: a message, styled by kind ("error", "ok"...), with an optional link after it.
@@ -57,5 +98,10 @@
     if (!isNaN(ms)) el.textContent = moment(ms);
   });
 
-  window.PageFormat = { set: set, duration: duration, clock: clock, moment: moment, signedOutHeader: signedOutHeader, status: status };
+  scrollCues();
+  window.addEventListener("resize", scrollCues);
+
+  window.PageFormat = {
+    set: set, duration: duration, clock: clock, moment: moment, signedOutHeader: signedOutHeader, status: status, breakable: breakable, scrollCues: scrollCues,
+  };
 })();

@@ -80,8 +80,8 @@
     var fresh = previous ? data.refreshes.filter(function (e) { return e.id > newest; }) : [];
     if (fresh.length) announce(fresh);
     set("last-checked", "Last checked " + clock(base) + "; checking again every few seconds.");
-    set("rotations", String(data.refresh.rotations));
-    set("rotations-word", data.refresh.rotations === 1 ? "rotation" : "rotations");
+    set("rotations", String(data.refresh.refreshes_here));
+    set("rotations-word", data.refresh.refreshes_here === 1 ? "refresh" : "refreshes");
     set("last-rotation", data.refresh.last_rotation);
     set("sessions", String(data.sessions));
     set("viewer-scope", data.viewer.scope || "–");
@@ -97,7 +97,8 @@
     var when = clock(at(-access.ago));
     if (access.outcome === "refreshed") {
       say("Silently refreshed your " + access.kind + " token at " + when + ", triggered by " + access.trigger +
-          ". The refresh token was rotated (" + state.refresh.rotations + " so far).", "ok");
+          ". It rotated your refresh token (" + state.refresh.refreshes_here + " silent " +
+          (state.refresh.refreshes_here === 1 ? "refresh" : "refreshes") + " since you signed in here).", "ok");
       root.classList.remove("flash");
       void root.offsetWidth; // restart the highlight animation
       root.classList.add("flash");
@@ -125,9 +126,7 @@
       [clock(at(-e.ago)), e.kind, e.outcome, e.trigger, waited, e.duration_ms + " ms"].forEach(function (text, i) {
         var td = document.createElement("td");
         if (i === 3) {
-          var code = document.createElement("code");
-          code.textContent = text;
-          td.append(code);
+          td.append(window.PageFormat.breakable(text));
         } else {
           td.textContent = text;
         }
@@ -145,6 +144,7 @@
       rows.push(tr);
     }
     body.replaceChildren.apply(body, rows);
+    window.PageFormat.scrollCues();
   }
 
   function tick() {

@@ -88,6 +88,7 @@
       return tr;
     });
     $("viewer-log").replaceChildren.apply($("viewer-log"), rows);
+    window.PageFormat.scrollCues();
   }
 
   function tick() {

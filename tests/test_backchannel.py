@@ -133,6 +133,11 @@ REFUSED = {
     "neither sub nor sid": lambda issuer: logout_token(issuer, sub=None),
     "sub not a string": lambda issuer: logout_token(issuer, sub=42),
     "an access token": lambda issuer: logout_token(issuer, headers={"typ": "at+jwt"}),
+    # PostgreSQL refuses NUL in text, and no encoding holds a lone surrogate (JSON's "\\ud800").
+    "NUL in sub": lambda issuer: logout_token(issuer, sub=ODA + "\x00"),
+    "NUL in sid": lambda issuer: logout_token(issuer, sub=None, sid="sid\x00"),
+    "lone surrogate in sid": lambda issuer: logout_token(issuer, sid="sid\ud800"),
+    "lone surrogate in jti": lambda issuer: logout_token(issuer, jti="jti\ud800"),
 }
 
 

@@ -269,6 +269,13 @@ def test_every_page_has_no_serious_or_critical_accessibility_findings(server, br
             page.goto(server.url + path)
             page.wait_for_load_state("networkidle")
             findings.extend(axe_findings(page))
+        # Signed out on purpose: the home page and every page after say so.
+        page.goto(server.url + "/devices")
+        page.get_by_role("button", name="Sign out everywhere").click()
+        page.wait_for_url(server.url + "/")
+        findings.extend(axe_findings(page))
+        page.goto(server.url + "/session")
+        findings.extend(axe_findings(page))
         page.context.close()
     assert not findings, "\n".join(findings)
 
@@ -284,3 +291,94 @@ def test_times_are_the_browsers_own_with_the_zone_named(server, browser):
     expect(page.locator("#refreshes time, #refreshes td").first).to_contain_text("GMT+5:30")
     expect(page.locator("#last-checked")).to_contain_text("GMT+5:30")
     page.context.close()
+
+
+PHONE_VIEW = {"viewport": {"width": 390, "height": 844}, "user_agent": PHONE, "is_mobile": True}
+# The header's height, the page's width against the viewport's, and any word of a <code> that the browser split across lines.
+LAYOUT = """() => {
+  const header = document.querySelector("header.site");
+  const split = [];
+  for (const code of document.querySelectorAll("code")) {
+    const walker = document.createTreeWalker(code, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const found of node.data.matchAll(/\\S+/g)) {
+        const range = document.createRange();
+        range.setStart(node, found.index);
+        range.setEnd(node, found.index + found[0].length);
+        if (range.getClientRects().length > 1) split.push(found[0]);
+      }
+    }
+  }
+  return {header: header ? header.getBoundingClientRect().height : 0, width: document.documentElement.scrollWidth, viewport: window.innerWidth, split};
+}"""
+
+
+def assert_fits(page, desktop_header: float) -> None:
+    layout = page.evaluate(LAYOUT)
+    assert layout["width"] <= layout["viewport"], (page.url, layout)
+    assert layout["header"] <= 2 * desktop_header, (page.url, layout, desktop_header)
+    assert not layout["split"], (page.url, layout["split"])
+
+
+def test_on_a_phone_pages_fit_the_header_keeps_to_two_rows_and_tokens_stay_whole(server, browser):
+    from playwright.sync_api import expect
+
+    name = "Philippa Phone-Fitting"  # long enough to crowd the header
+    desktop = new_page(browser)
+    sign_in(desktop, server.url, name, "/session")
+    desktop_header = desktop.evaluate(LAYOUT)["header"]
+    expect(desktop.locator(".scroll-cue").first).to_be_hidden()  # the table fits: no cue
+    phone = new_page(browser, **PHONE_VIEW)
+    phone.goto(server.url + "/")
+    assert_fits(phone, desktop_header)
+    sign_in(phone, server.url, name, "/session")
+    for path in ("/", "/session", "/devices", "/viewer", "/browse", "/auth/logout", "/no-such-page", "/auth/login?next=/session"):
+        phone.goto(server.url + path)  # the last one is the stand-in's sign-in page: signed in, it goes straight back
+        phone.wait_for_load_state("networkidle")
+        assert_fits(phone, desktop_header)
+    # The session table is wider than the phone: it scrolls, and the line above it names the columns out of sight.
+    phone.goto(server.url + "/session")
+    cue = phone.locator(".scroll-cue").first
+    expect(cue).to_be_visible()
+    expect(cue).to_contain_text("Waited, Took")
+    shot(phone, "session-phone-table")
+    phone.locator(".table-wrap").first.evaluate("wrap => wrap.scrollTo(wrap.scrollWidth, 0)")
+    expect(cue).not_to_contain_text("Took")
+    desktop.context.close()
+    phone.context.close()
+
+
+def test_signed_out_everywhere_is_told_so_and_back_never_reaches_the_provider(server, browser):
+    from playwright.sync_api import expect
+
+    from signout import REASONS
+
+    laptop = new_page(browser)
+    phone = new_page(browser, **PHONE_VIEW)
+    sign_in(laptop, server.url, "Sam Signout", "/devices")
+    sign_in(phone, server.url, "Sam Signout", "/devices")
+    laptop.reload()
+    laptop.get_by_role("button", name="Sign out everywhere").click()
+    laptop.wait_for_url(server.url + "/")
+    expect(laptop.locator("#signed-out-reason")).to_have_text(REASONS["everywhere"])
+    expect(laptop.get_by_role("main").get_by_role("link", name="Sign in again")).to_be_visible()
+    # Back goes to the page the person left, which now says they are signed out: not the provider's form.
+    laptop.go_back()
+    expect(laptop).to_have_url(server.url + "/devices")
+    expect(laptop.get_by_role("heading", level=1)).to_have_text("You are signed out")
+    expect(laptop.locator("#signed-out-reason")).to_have_text(REASONS["everywhere"])
+    shot(laptop, "signed-out-everywhere")
+
+    # The other device, reloading its page, is told on the app's own page too, and signs in only when it asks to.
+    phone.reload()
+    expect(phone).to_have_url(server.url + "/devices")
+    expect(phone.locator("#signed-out-reason")).to_have_text(REASONS["elsewhere"])
+    assert_fits(phone, laptop.evaluate(LAYOUT)["header"])
+    shot(phone, "signed-out-elsewhere-phone")
+    phone.get_by_role("link", name="Sign in again").click()
+    phone.get_by_label("Your name").fill("Sam Signout")
+    phone.get_by_role("button", name="Sign in", exact=True).click()
+    phone.wait_for_url(server.url + "/devices")
+    expect(phone.get_by_role("heading", level=1)).to_have_text("Your devices")
+    laptop.context.close()
+    phone.context.close()

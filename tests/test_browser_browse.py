@@ -107,10 +107,12 @@ def test_person_browses_hubs_by_keyboard_across_a_silent_refresh_and_opens_a_fil
     expect(sheets.last).to_be_focused()
     page.screenshot(path=OUTPUT / "browse.png")
 
-    # Enter on a file opens it in the viewer page, with its latest version's URN.
-    with page.expect_navigation(url=re.compile(r"/viewer\?urn=[A-Za-z0-9_-]+$")):
+    # Enter on a file opens it in the viewer page, with its latest version's URN, which names it.
+    with page.expect_navigation(url=re.compile(r"/viewer\?urn=[A-Za-z0-9_-]+&project=[A-Za-z0-9._-]+$")):
         page.keyboard.press("Enter")
     expect(page.get_by_role("heading", level=1)).to_have_text("Viewer token")
+    expect(page.locator("#viewer-file")).to_contain_text("Sheet A-112.dwg, version")
+    expect(page).to_have_title(re.compile(r"^Sheet A-112\.dwg in the viewer"))
 
     # Through gunicorn too, encoded slashes and dot segments never reach the API.
     before = store.count("api")

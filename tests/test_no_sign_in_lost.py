@@ -349,8 +349,10 @@ def test_sign_out_elsewhere_is_not_undone_by_a_silent_sign_in(app, standin):
     sign_in(there)
     there.post("/auth/logout-everywhere", data={"csrf_token": _csrf_from_page(there)})
     page = here.get("/session")
-    assert page.status_code == 302
-    assert parse_qs(urlsplit(page.headers["Location"]).query).get("silent") is None
+    # The app's own page says so, and its "Sign in again" is a sign-in the person asks for, never a silent one.
+    assert page.status_code == 401 and "Location" not in page.headers
+    again = re.search(r'href="([^"]+)">Sign in again<', page.get_data(as_text=True))[1].replace("&amp;", "&")
+    assert urlsplit(again).path == "/auth/login" and parse_qs(urlsplit(again).query).get("silent") is None
     assert here.get("/api/session").status_code == 401
 
 

@@ -1,5 +1,6 @@
 """The pages a person sees: home, the session timeline, devices, the viewer demo, and the strict CSP."""
 
+import base64
 import json
 import re
 from datetime import timedelta
@@ -118,10 +119,11 @@ def test_session_page_shows_the_refresh_its_own_load_caused(app, client):
     sign_in(client)
     expire_access_token(app)
     html = client.get("/session").get_data(as_text=True)
-    assert "<code>GET /session</code>" in html
+    assert '<code class="breakable"><span>GET</span> <span>/</span><wbr><span>session</span></code>' in html
     assert 'data-url="/api/lifecycle"' in html
     assert '<script src="/static/lifecycle.js" defer></script>' in html
-    assert re.search(r'<span id="rotations">2</span>', html)  # the viewer token at sign-in, then this page
+    # This page's refresh; the viewer token's refresh at sign-in was part of the sign-in.
+    assert re.search(r'<span id="rotations">1</span> <span id="rotations-word">refresh</span>', html)
 
 
 def test_devices_lists_each_browser_and_marks_this_one(app):
@@ -315,10 +317,24 @@ def test_the_rotation_right_after_sign_in_is_named_as_the_viewer_tokens(app, cli
     sign_in(client)
     life = client.get("/api/lifecycle").get_json()
     assert life["refresh"]["rotations"] == 1
+    assert life["refresh"]["refreshes_here"] == 0
+    assert '<span id="rotations">0</span> <span id="rotations-word">refreshes</span>' in client.get("/session").get_data(as_text=True)
     assert life["refresh"]["last_rotation"] == "Last: the viewer token's refresh at sign-in."
     assert '<p class="small" id="last-rotation">Last: the viewer token&#39;s refresh at sign-in.</p>' in client.get("/session").get_data(as_text=True)
     expire_access_token(app)
     assert client.get("/api/lifecycle").get_json()["refresh"]["last_rotation"] == "Last: the access token's refresh, by GET /api/lifecycle."
+
+
+def test_the_silent_refresh_count_never_drops_when_another_device_signs_in(app):
+    """The card counts what it says, silent refreshes since this device signed in: another device's sign-in adds none, takes none away."""
+    laptop = device(app, FIREFOX)
+    assert laptop.get("/api/lifecycle").get_json()["refresh"]["refreshes_here"] == 0  # the viewer token's refresh was part of the sign-in
+    for count in (1, 2):
+        expire_access_token(app)
+        assert laptop.get("/api/lifecycle").get_json()["refresh"]["refreshes_here"] == count
+    device(app, PHONE)  # a new refresh token for the person, and a viewer refresh at that sign-in
+    assert laptop.get("/api/lifecycle").get_json()["refresh"]["refreshes_here"] == 2
+    assert re.search(r'<span id="rotations">2</span> <span id="rotations-word">refreshes</span>', laptop.get("/session").get_data(as_text=True))
 
 
 def test_a_sign_in_on_another_device_is_said_to_be_there(app):
@@ -332,3 +348,91 @@ def test_a_sign_in_on_another_device_is_said_to_be_there(app):
     assert seen["signed_in_ago"] < 60 and seen["here_signed_in_ago"] >= 300
     assert ", on another device; this one signed in 5 min" in laptop.get("/session").get_data(as_text=True)
     assert phone.get("/api/lifecycle").get_json()["signed_in_elsewhere"] is False
+
+
+def test_signed_out_everywhere_is_told_so_at_home_and_on_every_page_after(app):
+    """The home page says what happened; Back to a page shows the app's own notice, never the provider's form."""
+    phone = device(app, PHONE)
+    laptop = device(app, FIREFOX)
+    csrf = csrf_from(laptop.get("/devices"))
+    assert laptop.post("/auth/logout-everywhere", data={"csrf_token": csrf}).headers["Location"] == "/"
+    home = laptop.get("/").get_data(as_text=True)
+    assert "You signed out everywhere" in home and ">Sign in again</a>" in home
+    back = laptop.get("/session")
+    assert back.status_code == 401 and "Location" not in back.headers
+    html = back.get_data(as_text=True)
+    assert "You signed out everywhere" in html
+    assert '<a class="button primary" href="/auth/login?next=/session">Sign in again</a>' in html
+    # The other device, reloading a page, learns why too, on this app's page; later pages keep saying so.
+    for attempt in range(2):
+        reply = phone.get("/devices")
+        assert reply.status_code == 401 and "Location" not in reply.headers, attempt
+        assert "signed out from another of your devices" in reply.get_data(as_text=True)
+    assert "signed out from another of your devices" in phone.get("/").get_data(as_text=True)
+
+
+def test_signed_out_here_is_told_so_and_sign_in_again_clears_the_notice(client):
+    sign_in(client)
+    csrf = csrf_from(client.get("/"))
+    client.post("/auth/logout", data={"csrf_token": csrf})
+    assert "You signed out on this browser" in client.get("/viewer").get_data(as_text=True)
+    assert sign_in(client, next_path="/viewer").status_code == 302
+    assert client.get("/viewer").status_code == 200
+    client.post("/auth/logout", data={"csrf_token": csrf_from(client.get("/"))})
+    login = client.get("/auth/login?next=/session")  # the person chose to sign in again: the notice is gone
+    assert login.status_code == 302
+    assert client.get("/session").status_code == 302
+
+
+def test_a_cookie_this_app_never_issued_is_simply_signed_out(client):
+    client.set_cookie("session", "forged.value")
+    reply = client.get("/session")
+    assert reply.status_code == 302 and reply.headers["Location"].startswith("/auth/login")
+    assert "You are signed out" not in client.get("/").get_data(as_text=True)
+
+
+def viewer_link(subject: str, name: str, project_title: str, filename: str) -> tuple[str, str, int]:
+    """Return the urn and project id the hubs browser links a file's latest version with, and that version's number."""
+    from standin.data import tree
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    projects = [p for hub in tree(subject, name) for p in hub.children if p.name == project_title]
+    item = next(n for n in walk(projects[0].children) if n.name == filename)
+    version_id = item.id.replace("dm.lineage:", "fs.file:vf.") + f"?version={item.versions}"
+    return base64.urlsafe_b64encode(version_id.encode()).rstrip(b"=").decode(), projects[0].id, item.versions
+
+
+def test_viewer_opened_from_the_hubs_names_the_file_and_its_version(app, client):
+    sign_in(client, "Ada Lovelace")
+    urn, project, version = viewer_link(stored_user(app).subject, "Ada Lovelace", "Harbour Bridge", "Harbour Bridge Structure.rvt")
+    reply = client.get(f"/viewer?urn={urn}&project={project}")
+    html = reply.get_data(as_text=True)
+    assert reply.status_code == 200
+    assert re.search(rf"<strong>Harbour Bridge Structure.rvt</strong>, version {version}\b", html)
+    assert "<title>Harbour Bridge Structure.rvt in the viewer" in html
+    # Without the project the version is still named from the URN itself.
+    assert f"a file this app could not name, version {version}" in client.get(f"/viewer?urn={urn}").get_data(as_text=True)
+    assert 'id="viewer-file"' not in client.get("/viewer").get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "urn=",
+        "urn=not%20base64",
+        "urn=" + base64.urlsafe_b64encode(b"<script>alert(1)</script>").decode().rstrip("="),
+        "urn=" + base64.urlsafe_b64encode(b"\xff\xfe").decode().rstrip("="),
+        "urn=QQ",  # "A"
+        "urn=" + "A" * 801,
+        "urn=" + base64.urlsafe_b64encode(b"urn:adsk.wipprod:fs.file:vf.x?version=1").decode().rstrip("=") + "&project=../../x",
+    ],
+)
+def test_viewer_link_with_a_malformed_urn_or_project_is_a_clear_400(client, query):
+    sign_in(client)
+    reply = client.get(f"/viewer?{query}")
+    assert reply.status_code == 400
+    assert "open the file again from Your hubs" in reply.get_data(as_text=True)

@@ -1,6 +1,8 @@
 """GET /api/aps/<path>: the person's token goes to the API host for allowed paths only, and its answer comes back bounded."""
 
 import base64
+import threading
+import time
 from urllib.parse import quote, urlsplit
 
 import pytest
@@ -225,4 +227,84 @@ def test_over_a_real_connection_the_time_and_size_bounds_hold(app, client, stand
     assert large.status_code == 502 and large.json["error"] == "upstream_too_large"
     standin.inject("api_5xx")
     assert client.get("/api/aps/project/v1/hubs").status_code == 502
+    assert client.get("/api/session").status_code == 200
+
+
+class APIHost:
+    """A real HTTP API host on a port of its own: answers hubs as JSON, sets a cookie, and remembers the cookies it was sent.
+
+    With trickle set, the body comes one byte at a time, that many seconds apart, announced in a
+    Content-Length or sent chunked: a server that is slow but never silent for a whole read timeout.
+    """
+
+    BODY = b'{"data": []}'
+
+    def __init__(self):
+        self.cookies: list[str | None] = []
+        self.trickle: float | None = None
+        self.chunked = False
+        self.stop = threading.Event()
+
+    def __call__(self, environ, start_response):
+        self.cookies.append(environ.get("HTTP_COOKIE"))
+        headers = [("Content-Type", "application/json"), ("Set-Cookie", f"api_session=for-request-{len(self.cookies)}; Path=/")]
+        if not self.chunked:
+            headers.append(("Content-Length", str(len(self.BODY) * 10 if self.trickle else len(self.BODY))))
+        start_response("200 OK", headers)
+        return self._trickled() if self.trickle else [self.BODY]
+
+    def _trickled(self):
+        for _ in range(len(self.BODY) * 10):
+            if self.stop.wait(self.trickle):  # the test is over: stop sending
+                return
+            yield b" "
+
+
+@pytest.fixture(scope="module")
+def api_host():
+    from werkzeug.serving import make_server
+
+    host = APIHost()
+    server = make_server("127.0.0.1", 0, host, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield host, f"http://127.0.0.1:{server.server_port}"
+    host.stop.set()
+    server.shutdown()
+    thread.join()
+
+
+@pytest.fixture
+def api(api_host):
+    host, url = api_host
+    host.cookies.clear()
+    host.trickle, host.chunked = None, False
+    return host, url
+
+
+def test_no_cookie_goes_to_or_comes_back_from_the_api_host(app_factory, api):
+    host, url = api
+    app = app_factory(APS_API_URL=url)
+    alice, bob = app.test_client(), app.test_client()
+    sign_in(alice, "Alice")
+    sign_in(bob, "Bob")
+    first = alice.get("/api/aps/project/v1/hubs")
+    assert first.status_code == 200 and "api_session" not in first.headers.get("Set-Cookie", "")
+    assert bob.get("/api/aps/project/v1/hubs").status_code == 200
+    assert alice.get("/api/aps/project/v1/hubs").status_code == 200
+    assert host.cookies == [None, None, None]  # Bob's request never carries what the API host set for Alice's
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_trickled_answer_is_cut_off_at_the_deadline(app_factory, api, chunked):
+    host, url = api
+    app = app_factory(APS_API_URL=url, APS_PROXY_TIMEOUT=1)
+    client = app.test_client()
+    sign_in(client)
+    host.trickle, host.chunked = 0.05, chunked  # the whole body would take 6 s, with no pause near the read timeout
+    started = time.monotonic()
+    reply = client.get("/api/aps/project/v1/hubs")
+    elapsed = time.monotonic() - started
+    assert reply.status_code == 504 and reply.json["error"] == "upstream_timeout"
+    assert 1 <= elapsed < 2, elapsed
     assert client.get("/api/session").status_code == 200

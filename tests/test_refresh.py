@@ -485,3 +485,17 @@ def test_requests_queued_behind_a_refused_refresh_take_its_answer_without_asking
         thread.join(timeout=30)
     assert sorted(statuses) == [403, 403, 503]
     assert calls == ["data:create", "data:create"]  # the 503, then one refusal: never the same question twice
+
+
+def test_postgresql_connections_keep_no_session_state_a_transaction_pooler_would_lose(app):
+    """No startup options and no server-side prepared statements: PgBouncer in transaction mode refuses the one and mixes up the other."""
+    with app.app_context():
+        if db.engine.dialect.name != "postgresql":
+            pytest.skip("a PostgreSQL connection setting")
+        for engine in db.engines.values():  # the session's and the hook's
+            with engine.connect() as conn:
+                for _ in range(10):  # psycopg prepares a statement on its fifth execution unless told not to
+                    conn.execute(sqlalchemy.select(User.id).where(User.id == 1)).all()
+                assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar() == 0
+                assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "0"
+                conn.rollback()
