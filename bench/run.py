@@ -165,7 +165,7 @@ PEER_NAMES = {
     "P2": "P2 Flask-Login `request_loader` + session row",
 }
 PEER_SHORT_NAMES = {"ours": "ours", "P1": "P1 (`user_loader`, signed cookie)", "P2": "P2 (`request_loader`, session row)"}
-# Issue 16's targets: ours against the faster peer, and against bare /healthz per database.
+# The targets: ours against the faster peer, and against bare /healthz per database.
 PEER_TARGET = 1.5
 HEALTHZ_TARGET = {"sqlite": 0.45, "postgresql": 0.35}
 DATABASE_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}

@@ -75,7 +75,7 @@ class Gunicorn:
                     return self
             except requests.RequestException:
                 pass  # not listening yet, or workers still booting
-            time.sleep(0.2)
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"gunicorn did not become healthy: {self.log_path.read_text()[-2000:]}")
 

@@ -219,19 +219,20 @@ def test_sign_in_elsewhere_during_a_refresh_keeps_the_first_device_signed_in(app
     expire_access_token(app)
     back = urlsplit(_callback_url(b))
     provider = app.extensions["provider"]
-    exchanged = threading.Event()
+    exchanged, answered = threading.Event(), threading.Event()
     userinfo = provider.userinfo
 
-    def slow_userinfo(token):
+    def held_userinfo(token):
         exchanged.set()
-        time.sleep(0.5)  # B holds the new grant but has not stored it yet
+        answered.wait(10)  # B holds the new grant but has not stored it until A has its reply
         return userinfo(token)
 
-    monkeypatch.setattr(provider, "userinfo", slow_userinfo)
+    monkeypatch.setattr(provider, "userinfo", held_userinfo)
     arriving = threading.Thread(target=lambda: b.get(back.path, query_string=back.query))
     arriving.start()
     assert exchanged.wait(10)
     reply = a.get("/api/session")  # A's token is due: it refreshes with the token B's exchange revoked
+    answered.set()
     arriving.join(10)
     assert reply.status_code == 200
     assert a.get("/api/session").status_code == 200 and b.get("/api/session").status_code == 200
@@ -405,15 +406,6 @@ def test_silent_sign_in_can_be_turned_off(app_factory):
 
 
 # 7. The database restarts.
-
-
-@pytest.fixture
-def own_postgres():
-    from pgserver import PostgresServer
-
-    server = PostgresServer().start()
-    yield server
-    server.destroy()
 
 
 @contextlib.contextmanager

@@ -4,13 +4,15 @@ import os
 import signal
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
+from sqlalchemy import NullPool, create_engine, update
 
+from models import User
 from pgbouncer import EVERY_DATABASE, POSTGRESQL_AND_PGBOUNCER, pgbouncer_server, pooler  # noqa: F401 (fixtures used by name)
-from servers import Gunicorn, burst, free_port, http_sign_in, migrate, server_env
+from servers import Gunicorn, burst, free_port, http_sign_in, server_env
 from standin.store import Store
 
 pytestmark = pytest.mark.slow
@@ -20,10 +22,12 @@ LEEWAY = 60
 TTL = 65
 
 
-def wait_for_expiry(browser: requests.Session, base_url: str) -> None:
-    """Sleep until the person's access token enters the leeway, i.e. the next request must refresh."""
-    expires = datetime.fromisoformat(browser.get(f"{base_url}/api/session", timeout=30).json()["access_token_expires_at"])
-    time.sleep(max(0.0, expires.timestamp() - LEEWAY - time.time()) + 0.3)
+def make_due(database_url: str) -> None:
+    """Move the person's access token into the leeway in the database, i.e. the next request must refresh."""
+    engine = create_engine(database_url, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.execute(update(User).values(access_expires_at=datetime.now(UTC) + timedelta(seconds=LEEWAY - 1)))
+    engine.dispose()
 
 
 @pytest.fixture
@@ -31,12 +35,10 @@ def instance(tmp_path, database_url, pooler):  # noqa: F811 (the pooler fixture,
     """Start app instances on this test's database (through PgBouncer for the pooler's variant), sharing one stand-in provider."""
     started: list[Gunicorn] = []
     issuer_port = free_port()
-    if database_url.startswith("postgresql"):
-        reset_postgres(database_url)
+    direct_url = database_url
     if pooler is not None:
         database_url = pooler.url_for(database_url)
     env = server_env(tmp_path, database_url, f"http://127.0.0.1:{issuer_port}/standin", STANDIN_ACCESS_TOKEN_TTL=str(TTL), TOKEN_REFRESH_LEEWAY=str(LEEWAY))
-    migrate(env)
 
     def start(port: int | None = None, workers: int = 3, **extra: str) -> Gunicorn:
         port = port or (issuer_port if not started else free_port())
@@ -45,17 +47,10 @@ def instance(tmp_path, database_url, pooler):  # noqa: F811 (the pooler fixture,
         return server
 
     start.store = Store(env["STANDIN_DATABASE_URL"])
+    start.make_due = lambda: make_due(direct_url)
     yield start
     for server in started:
         server.stop()
-
-
-def reset_postgres(url: str) -> None:
-    import psycopg
-
-    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
 
 
 @EVERY_DATABASE
@@ -65,7 +60,7 @@ def test_gunicorn_workers_refresh_once_per_expiry(instance, pooler):  # noqa: F8
     store = instance.store
     browser = http_sign_in(server.url)
     for _ in range(3 if pooler else 5):
-        wait_for_expiry(browser, server.url)
+        instance.make_due()
         before = store.count("refresh")
         statuses = burst(browser, [f"{server.url}/api/profile", f"{server.url}/"])
         assert statuses == [200] * 50
@@ -81,7 +76,7 @@ def test_two_instances_share_one_refresh_per_expiry(instance):
     store = instance.store
     browser = http_sign_in(first.url)
     for _ in range(3):
-        wait_for_expiry(browser, first.url)
+        instance.make_due()
         before = store.count("refresh")
         urls = [f"{first.url}/api/profile", f"{second.url}/api/profile", f"{second.url}/"]
         assert burst(browser, urls) == [200] * 50
@@ -94,7 +89,7 @@ def test_worker_killed_while_holding_the_lock(instance):
     server = instance(PROVIDER_TIMEOUT="20")
     store = instance.store
     browser = http_sign_in(server.url)
-    wait_for_expiry(browser, server.url)
+    instance.make_due()
     store.inject("timeout", delay=8)  # the provider hangs inside the refresh, after the lock is taken
     before = store.count("refresh")
 
@@ -132,7 +127,7 @@ def test_restart_between_requests_keeps_person_signed_in(instance):
     server.stop()
     restarted = instance(port=server.port)
     assert browser.get(f"{restarted.url}/api/session", timeout=30).json()["user"]["name"] == "Ada Lovelace"
-    wait_for_expiry(browser, restarted.url)
+    instance.make_due()
     assert browser.get(f"{restarted.url}/api/profile", timeout=30).status_code == 200
 
 
@@ -142,7 +137,7 @@ def test_restart_between_requests_keeps_person_signed_in(instance):
 def hold_a_refresh(instance, server: Gunicorn, browser: requests.Session, seconds: float) -> tuple[threading.Thread, list]:
     """Make the person's token due and start a request whose refresh waits seconds at the provider; return once it waits."""
     store = instance.store
-    wait_for_expiry(browser, server.url)
+    instance.make_due()
     store.inject("timeout", delay=seconds)  # slow, then the provider rotates and answers
     answers: list[int | str] = []
     holder = threading.Thread(target=lambda: answers.extend(burst(browser, [f"{server.url}/api/profile"], count=1)))
