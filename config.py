@@ -153,22 +153,27 @@ def check(config: Mapping) -> None:
     if config["OAUTH_PROVIDER"] != "standin" and not config.get("OAUTH_CLIENT_SECRET"):
         raise ConfigError("OAUTH_CLIENT_SECRET must be set for a confidential client.")
     if config["APP_ENV"] == "production":
-        if config["OAUTH_PROVIDER"] == "standin":
-            raise ConfigError("OAUTH_PROVIDER=standin is for development only; set APP_ENV=development or a real provider.")
-        for name, value in (("OAUTH_CLIENT_ID", STANDIN_CLIENT_ID), ("OAUTH_CLIENT_SECRET", STANDIN_CLIENT_SECRET)):
-            if config.get(name) == value:
-                raise ConfigError(f"{name} is the stand-in's {value!r}; production needs the one your provider issued (remove the demo's line from .env).")
-        if not config["SESSION_COOKIE_SECURE"]:
-            raise ConfigError("SESSION_COOKIE_SECURE must stay on in production.")
-        if len(config["SECRET_KEY"].encode()) < MIN_SECRET_KEY_BYTES:
-            raise ConfigError(f"SECRET_KEY must be at least {MIN_SECRET_KEY_BYTES} bytes in production (secrets.token_hex(32) makes one).")
-        if not config.get("OAUTH_REDIRECT_URI"):
-            # Otherwise it is built from the Host header, which the client chooses.
-            raise ConfigError("OAUTH_REDIRECT_URI must be set in production (the https://.../auth/callback registered with the provider).")
-        # Codes, tokens and the client secret travel to and from these: only over TLS, or within this machine.
-        for name in ("OAUTH_ISSUER", "OAUTH_REDIRECT_URI", "OAUTH_USERINFO_URL", "APS_API_URL", "OAUTH_POST_LOGOUT_REDIRECT_URI"):
-            if config.get(name) and not _https_or_loopback(config[name]):
-                raise ConfigError(f"{name} must use https in production (plain http only on the loopback), got {config[name]!r}.")
+        _check_production(config)
+
+
+def _check_production(config: Mapping) -> None:
+    """Refuse what development allows: the stand-in, its client, insecure cookies, a short secret, plain http."""
+    if config["OAUTH_PROVIDER"] == "standin":
+        raise ConfigError("OAUTH_PROVIDER=standin is for development only; set APP_ENV=development or a real provider.")
+    for name, value in (("OAUTH_CLIENT_ID", STANDIN_CLIENT_ID), ("OAUTH_CLIENT_SECRET", STANDIN_CLIENT_SECRET)):
+        if config.get(name) == value:
+            raise ConfigError(f"{name} is the stand-in's {value!r}; production needs the one your provider issued (remove the demo's line from .env).")
+    if not config["SESSION_COOKIE_SECURE"]:
+        raise ConfigError("SESSION_COOKIE_SECURE must stay on in production.")
+    if len(config["SECRET_KEY"].encode()) < MIN_SECRET_KEY_BYTES:
+        raise ConfigError(f"SECRET_KEY must be at least {MIN_SECRET_KEY_BYTES} bytes in production (secrets.token_hex(32) makes one).")
+    if not config.get("OAUTH_REDIRECT_URI"):
+        # Otherwise it is built from the Host header, which the client chooses.
+        raise ConfigError("OAUTH_REDIRECT_URI must be set in production (the https://.../auth/callback registered with the provider).")
+    # Codes, tokens and the client secret travel to and from these: only over TLS, or within this machine.
+    for name in ("OAUTH_ISSUER", "OAUTH_REDIRECT_URI", "OAUTH_USERINFO_URL", "APS_API_URL", "OAUTH_POST_LOGOUT_REDIRECT_URI"):
+        if config.get(name) and not _https_or_loopback(config[name]):
+            raise ConfigError(f"{name} must use https in production (plain http only on the loopback), got {config[name]!r}.")
 
 
 def _kept_secret(instance_path: str, name: str, make) -> str:
