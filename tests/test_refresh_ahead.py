@@ -1,9 +1,15 @@
 """Refresh ahead of expiry: a request near the leeway keeps its valid token, and the refresh runs after its response."""
 
+import os
+import signal
 import threading
-from datetime import timedelta
+import time
+from datetime import datetime, timedelta
 
+import psycopg
 import pytest
+import requests
+import sqlalchemy
 
 import ahead
 import config
@@ -11,6 +17,8 @@ import locking
 import tokens
 from conftest import expire_access_token, sign_in, stored_user
 from models import RefreshEvent, User, db, utcnow
+from servers import Gunicorn, burst, free_port, http_sign_in, migrate, server_env
+from standin.store import Store
 
 # Within the default TOKEN_REFRESH_AHEAD (300 s) of counting as expired (the default leeway, 60 s, before expiry).
 DUE_AHEAD = timedelta(seconds=60 + 120)
@@ -170,3 +178,158 @@ def test_a_failed_refresh_ahead_is_recorded_and_the_next_request_refreshes(app, 
 def test_a_bad_refresh_ahead_setting_stops_start_up(value, tmp_path):
     with pytest.raises(config.ConfigError, match="TOKEN_REFRESH_AHEAD"):
         config.load({"TOKEN_REFRESH_AHEAD": value}, str(tmp_path / "instance"))
+
+
+# --- Real gunicorn workers and instances, the stand-in answering refreshes late ----------------------
+
+LEEWAY = 60
+# Access tokens live 70 s and count as expired 60 s early: a new expiry every 10 seconds, refreshed
+# ahead in the second half of those 10 (half the usable life, less than TOKEN_REFRESH_AHEAD).
+TTL = 70
+
+
+@pytest.fixture
+def instance(tmp_path, database_url):
+    """Start app instances on this test's database, all sharing one stand-in provider that answers refreshes late."""
+    started: list[Gunicorn] = []
+    issuer_port = free_port()
+    env = server_env(
+        tmp_path,
+        database_url,
+        f"http://127.0.0.1:{issuer_port}/standin",
+        STANDIN_ACCESS_TOKEN_TTL=str(TTL),
+        TOKEN_REFRESH_LEEWAY=str(LEEWAY),
+        STANDIN_REFRESH_DELAY_MS="1000",
+    )
+    if database_url.startswith("postgresql"):
+        with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    migrate(env)
+
+    def start(port: int | None = None, workers: int = 3, **extra: str) -> Gunicorn:
+        port = port or (issuer_port if not started else free_port())
+        server = Gunicorn(env | extra, port, tmp_path / f"gunicorn-{port}.log", workers=workers).start()
+        started.append(server)
+        return server
+
+    start.store = Store(env["STANDIN_DATABASE_URL"])
+    start.database_url = database_url
+    yield start
+    for server in started:
+        server.stop()
+
+
+def wait_until_due_ahead(browser: requests.Session, base_url: str) -> float:
+    """Sleep until the person's access token is due ahead (and 3 s from counting as expired); return its expiry."""
+    expires = datetime.fromisoformat(browser.get(f"{base_url}/api/session", timeout=30).json()["access_token_expires_at"]).timestamp()
+    # The expiry comes in whole seconds, rounded down: the window (expiry - 65 s, expiry - 60 s) starts at most 1 s later.
+    time.sleep(max(0.0, expires - LEEWAY - 3 - time.time()))
+    return expires
+
+
+def access_events(database_url: str) -> list[tuple[str, str, int]]:
+    """Return the app's access refresh events as (outcome, trigger, waiters)."""
+    engine = sqlalchemy.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            query = "SELECT outcome, trigger, waiters FROM refresh_events WHERE kind = 'access' ORDER BY id"
+            return [tuple(row) for row in conn.execute(sqlalchemy.text(query))]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_person_browsing_never_waits_for_the_provider(instance):
+    """A request every 250 ms across two expiries, the provider taking 1 s: every refresh ran ahead, none in line."""
+    server = instance()
+    store = instance.store
+    browser = http_sign_in(server.url)
+    before = store.count("refresh")
+    statuses = []
+    deadline = time.monotonic() + 2 * (TTL - LEEWAY) + 1
+    while time.monotonic() < deadline:
+        statuses.append(browser.get(f"{server.url}/api/profile", timeout=30).status_code)
+        time.sleep(0.25)
+    assert set(statuses) == {200}
+    refreshed = [(trigger, waiters) for outcome, trigger, waiters in access_events(instance.database_url) if outcome == "refreshed"]
+    assert len(refreshed) == store.count("refresh") - before >= 2
+    assert all(trigger.endswith("(ahead)") and waiters == 0 for trigger, waiters in refreshed), refreshed
+    assert store.count("refresh_rejected") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # instances on several machines share PostgreSQL
+def test_workers_and_instances_refresh_ahead_once_per_expiry(instance):
+    """50 requests at once while the token is due ahead, over 2 instances x 3 workers: one refresh, after the responses."""
+    first, second = instance(), instance()
+    store = instance.store
+    browser = http_sign_in(first.url)
+    start = store.count("refresh")
+    for expiry in (1, 2):
+        wait_until_due_ahead(browser, first.url)
+        assert store.count("refresh") - start == expiry - 1  # the token before was refreshed once, no more
+        assert burst(browser, [f"{first.url}/api/profile", f"{second.url}/api/profile"]) == [200] * 50
+        # Every worker that served one scheduled a refresh ahead; the first to take the turn did it, the rest gave way.
+        deadline = time.monotonic() + 30
+        while store.count("refresh") - start < expiry and time.monotonic() < deadline:
+            time.sleep(0.1)
+    wait_until_due_ahead(browser, first.url)
+    assert store.count("refresh") - start == 2
+    assert store.count("refresh_rejected") == 0
+
+
+def refresh_ahead_in_flight(instance, server: Gunicorn, delay: float) -> tuple[requests.Session, int, int]:
+    """Sign in, send a request while the token is due ahead with the provider hanging for delay seconds.
+
+    Return the browser, the worker refreshing, and the provider's count of refreshes before it.
+    """
+    store = instance.store
+    browser = http_sign_in(server.url)
+    before = store.count("refresh")  # the sign-in's own (the viewer token's) counted
+    wait_until_due_ahead(browser, server.url)
+    store.inject("timeout", delay=delay)  # the next refresh: the one ahead
+    assert browser.get(f"{server.url}/api/profile", timeout=30).status_code == 200
+    deadline = time.monotonic() + 20
+    while not store.fault_takers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (refresher,) = store.fault_takers()
+    return browser, refresher, before
+
+
+@pytest.mark.slow
+def test_a_graceful_stop_finishes_a_refresh_ahead(instance):
+    server = instance(workers=1)
+    store = instance.store
+    browser, _, before = refresh_ahead_in_flight(instance, server, delay=3)
+    server.stop()  # SIGTERM while the provider is still answering
+    # The refresh finished at the provider and its rotation was stored: the restarted server goes on with it.
+    assert store.count("refresh") - before == 1
+    assert [(o, t.endswith("(ahead)")) for o, t, _ in access_events(instance.database_url)] == [("refreshed", True)]
+    restarted = instance(port=server.port, workers=1)
+    wait_until_due_ahead(browser, restarted.url)
+    time.sleep(4.5)  # past the leeway: this request refreshes in line, with the rotation the stopped worker stored
+    assert browser.get(f"{restarted.url}/api/profile", timeout=30).status_code == 200
+    assert store.count("refresh") - before == 2
+    assert store.count("refresh_rejected") == 0
+
+
+@pytest.mark.slow
+def test_a_worker_killed_during_a_refresh_ahead_costs_no_sign_in(instance):
+    server = instance(PROVIDER_TIMEOUT="20")
+    store = instance.store
+    browser, refresher, before = refresh_ahead_in_flight(instance, server, delay=8)
+    assert refresher in server.workers()
+    os.kill(refresher, signal.SIGKILL)
+    browser.close()  # its kept-alive connection may have been to the killed worker
+    # The provider never rotated in the dead worker, and the database let go of its locks: the others carry on.
+    statuses = []
+    deadline = time.monotonic() + 5  # past the leeway, not yet into the next token's window
+    while time.monotonic() < deadline:
+        statuses.append(browser.get(f"{server.url}/api/profile", timeout=30).status_code)
+        time.sleep(0.25)
+    assert set(statuses) == {200}
+    deadline = time.monotonic() + 20
+    while store.count("refresh") == before and time.monotonic() < deadline:
+        time.sleep(0.1)  # the last refresh ahead may still be at the provider
+    assert store.count("refresh") - before == 1
+    assert store.count("refresh_rejected") == 0
