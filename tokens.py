@@ -39,7 +39,7 @@ What else the provider may answer, each recorded (events.record) before the lock
 
 Ahead of expiry: a request that finds its access token within TOKEN_REFRESH_AHEAD of the leeway
 is served with it, and refresh_ahead runs the same attempt once round after the response
-(ahead.py). It never waits for the turn: a request that holds it refreshes, and a token that
+(after_response.py). It never waits for the turn: a request that holds it refreshes, and a token that
 changed meanwhile (refreshed, signed in anew, signed out: read under the lock) is left alone.
 
 No lock is waited for longer than a refresh may take: then LockTimeout (503), nothing changed.
@@ -58,7 +58,7 @@ from typing import NoReturn
 from flask import current_app
 from sqlalchemy.exc import SQLAlchemyError
 
-import ahead
+import after_response
 import downscope
 import events
 import grants
@@ -118,7 +118,7 @@ def ensure_fresh_access_token(user: User, trigger: str, rejected: str | None = N
     # Only the expiry is read here: the tokens themselves stay encrypted until a request uses one.
     if not is_stale(user.access_expires_at) and (rejected is None or user.access_token != rejected):
         if rejected is None and is_due_ahead(user):
-            ahead.after_response(("access", user.id), refresh_ahead, user.id, user.access_expires_at, trigger)
+            after_response.run(("access", user.id), refresh_ahead, user.id, user.access_expires_at, trigger)
         return user
     return refresh(user.id, "access", trigger, rejected)
 

@@ -11,7 +11,7 @@ import pytest
 import requests
 import sqlalchemy
 
-import ahead
+import after_response
 import config
 import locking
 import tokens
@@ -43,7 +43,7 @@ def refresh_events(app) -> list[RefreshEvent]:
 def get_and_close(client, path: str):
     """Send a request and close its response, as a server does once the response is sent."""
     response = client.get(path, buffered=True)
-    assert ahead.wait_idle(timeout=30)
+    assert after_response.wait_idle(timeout=30)
     return response
 
 
@@ -58,7 +58,7 @@ def test_a_token_near_expiry_is_served_and_refreshed_after_the_response(app, cli
     assert standin.count("refresh") == before
     assert stored_user(app).access_token == old.access_token
     served.close()
-    assert ahead.wait_idle(timeout=30)
+    assert after_response.wait_idle(timeout=30)
 
     new = stored_user(app)
     assert standin.count("refresh") - before == 1

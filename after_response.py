@@ -29,7 +29,7 @@ _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0  # a pool made before a fork has no threads in the child
 
 
-def after_response(key: Hashable, job: Callable[..., object], *args: object) -> None:
+def run(key: Hashable, job: Callable[..., object], *args: object) -> None:
     """Run job(*args) in the app's context once this request's response has been sent, unless a job for key is already pending here."""
     app = current_app._get_current_object()
     if not has_request_context():
