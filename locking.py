@@ -13,6 +13,7 @@ that requests waiting for a refresh can wait side by side instead of one after a
 - SQLite: one database-wide write lock (BEGIN IMMEDIATE) is both: waiters take it in turn.
 
 No lock is waited for longer than a refresh may take (lock_wait): then LockTimeout, and nothing changed.
+A refresh ahead of expiry does not wait for the turn at all (take_turn with wait=False).
 """
 
 import contextlib
