@@ -92,16 +92,21 @@ class SQLiteLocks:
             self.begin()
             return True
         db.session.commit()
-        db.session.execute(text("PRAGMA busy_timeout = 0"))
+        connection = db.session.connection()
+        connection.exec_driver_sql("PRAGMA busy_timeout = 0")
         try:
-            with _lock_wait_ends():
-                db.session.execute(text("BEGIN IMMEDIATE"))
-            return True
-        except LockTimeout:
-            return False
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            taken = True
+        except OperationalError as exc:
+            if not _is_lock_timeout(exc):
+                raise
+            taken = False
         finally:
-            # The connection goes back to the pool: later transactions on it wait as long as a refresh may take again.
-            db.session.execute(text(f"PRAGMA busy_timeout = {self._wait_ms}"))
+            # On this connection, before it goes back to the pool: the next transaction on it waits again.
+            connection.exec_driver_sql(f"PRAGMA busy_timeout = {self._wait_ms}")
+        if not taken:
+            db.session.rollback()
+        return taken
 
     def waiting(self, user_id: int) -> ColumnElement[int]:
         return literal(0)  # waiters queue for the write lock, where no one can count them

@@ -146,6 +146,11 @@ def test_refresh_ahead_gives_way_to_a_request_holding_the_turn(app, client, stan
     holder.start()
     try:
         assert holding.wait(30)
+        with app.app_context():
+            # Several idle connections in the pool, as in a busy worker: a setting left on one would show.
+            idle = [db.engine.connect() for _ in range(3)]
+            for conn in idle:
+                conn.close()
         before = standin.count("refresh")
         with app.app_context():
             tokens.refresh_ahead(seen.id, seen.access_expires_at, "GET /api/profile")  # a wait would end in LockTimeout
@@ -154,9 +159,23 @@ def test_refresh_ahead_gives_way_to_a_request_holding_the_turn(app, client, stan
     finally:
         release.set()
         holder.join()
+    assert every_pooled_connection_waits_for_locks(app)
     # The turn free again, the next request near expiry refreshes ahead.
     assert get_and_close(client, "/api/profile").status_code == 200
     assert standin.count("refresh") == before + 1
+
+
+def every_pooled_connection_waits_for_locks(app) -> bool:
+    """Tell whether no pooled SQLite connection was left without its busy timeout (a request on it would fail at once)."""
+    with app.app_context():
+        if db.engine.dialect.name != "sqlite":
+            return True
+        connections = [db.engine.connect() for _ in range(db.engine.pool.checkedin())]
+        try:
+            return all(conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == locking.lock_wait(app.config) * 1000 for conn in connections)
+        finally:
+            for conn in connections:
+                conn.close()
 
 
 def test_a_failed_refresh_ahead_is_recorded_and_the_next_request_refreshes(app, client, standin):
