@@ -1,6 +1,6 @@
 """Run the benchmarks and print the README's Performance tables.
 
-    .venv/bin/python bench/run.py            # the full run (about 15 minutes on 2 cores)
+    .venv/bin/python bench/run.py            # the full run (about 35 minutes on 2 cores, 20 of them bench/ahead.py)
     .venv/bin/python bench/run.py --quick    # short runs, for trying changes
     .venv/bin/python bench/run.py --only hook,profile
     .venv/bin/python bench/run.py --patch bench/patches/waiters-wait-side-by-side.diff --only expiry
