@@ -136,8 +136,8 @@ def load_person() -> Response | None:
     if g.session is not None and rules.keeps_alive:
         sessions.touch(g.session)
     csrf.protect()
-    if g.user is not None and rules.refreshes and tokens.is_stale(g.user.access_expires_at):
-        g.account_row = tokens.refresh(g.user.id, "access", trigger=f"{request.method} {request.path}")
+    if g.user is not None and rules.refreshes:
+        g.account_row = tokens.refresh_if_due(g.user, trigger=f"{request.method} {request.path}")
     return None
 
 

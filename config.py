@@ -109,6 +109,8 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         # Where this server reaches the provider when OAUTH_ISSUER is only the browser's address (Docker).
         "OAUTH_BACKCHANNEL_URL": backchannel_url.rstrip("/") if backchannel_url else None,
         "TOKEN_REFRESH_LEEWAY": _int(environ, "TOKEN_REFRESH_LEEWAY", 60),
+        # Seconds before the leeway when a request still gets the valid token and a refresh starts after its response.
+        "TOKEN_REFRESH_AHEAD": _int(environ, "TOKEN_REFRESH_AHEAD", 300),
         "PROVIDER_TIMEOUT": _int(environ, "PROVIDER_TIMEOUT", 10),
         # A refresh whose reply times out may have rotated the token: wait longer for it than for other calls.
         "PROVIDER_REFRESH_TIMEOUT": _int(environ, "PROVIDER_REFRESH_TIMEOUT", 30),

@@ -22,6 +22,8 @@ log = logging.getLogger("tokens")
 
 # Marks the viewer token's refresh at sign-in, so the session page can say why a fresh sign-in shows one rotation.
 AT_SIGN_IN = "(sign-in)"
+# Marks a refresh ahead of expiry, which ran after the response of the request that asked (tokens.refresh_ahead).
+AHEAD = "(ahead)"
 
 
 class Attempt(Protocol):
@@ -140,3 +142,8 @@ def last_issued(user: User, kind: str) -> datetime | None:
 def at_sign_in(event: RefreshEvent) -> bool:
     """Tell whether this is the viewer token's refresh that a sign-in makes."""
     return event.kind == "viewer" and event.trigger.endswith(AT_SIGN_IN)
+
+
+def ahead(event: RefreshEvent) -> bool:
+    """Tell whether this refresh ran ahead of expiry, after a response."""
+    return event.trigger.endswith(AHEAD)

@@ -1,12 +1,13 @@
 """Run the benchmarks and print the README's Performance tables.
 
-    .venv/bin/python bench/run.py            # the full run (about 15 minutes on 2 cores)
+    .venv/bin/python bench/run.py            # the full run (about 35 minutes on 2 cores, 20 of them bench/ahead.py)
     .venv/bin/python bench/run.py --quick    # short runs, for trying changes
     .venv/bin/python bench/run.py --only hook,profile
     .venv/bin/python bench/run.py --patch bench/patches/waiters-wait-side-by-side.diff --only expiry
     .venv/bin/python bench/run.py --only soak       # the fault soak (bench/soak.py), not part of the default run
     .venv/bin/python bench/run.py --only peers,peers-refresh   # ours beside the peers of bench/peers/
     .venv/bin/python bench/run.py --only pooler     # 4 instances directly and through PgBouncer (bench/pooler.py)
+    .venv/bin/python bench/run.py --only ahead      # latency at each expiry, refreshing ahead or in line (bench/ahead.py)
 
 Needs PostgreSQL at postgresql://postgres@127.0.0.1:5432/postgres (BENCH_POSTGRES_ADMIN) to create
 and drop its own databases, wrk (Debian package) and pyinstrument (requirements-dev.txt). Raw
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from common import RESULTS, ROOT, machine, median, patched_tree, postgres_database, wait_for_load, workdir
 
-ALL = ("hook", "profile", "expiry", "pooler", "people", "people-slow", "storage", "peers", "peers-refresh")
+ALL = ("hook", "profile", "expiry", "pooler", "people", "people-slow", "storage", "peers", "peers-refresh", "ahead")
 # Run only when asked for by --only: the soak takes 6 minutes (quick: 1.5) and starts its own PostgreSQL as root.
 EXTRA = ("soak",)
 # The stand-in's answer to a refresh is delayed this long in "people-slow", like a provider across a network.
@@ -122,6 +123,10 @@ def run_one(name: str, folder, quick: bool, compare: list[str]):
         import people
 
         return [people.run(kind, folder, quick, provider_delay=PROVIDER_DELAY) for kind in ("postgresql", "sqlite")]
+    if name == "ahead":
+        import ahead
+
+        return [ahead.run(kind, folder, quick) for kind in ("sqlite", "postgresql")]
     if name == "soak":
         import soak
 
@@ -351,6 +356,10 @@ def markdown(r: dict) -> str:
             f"Largest / smallest: {s['lookup_ratio_large_to_small_p50']:.2f}x in the app, {s['in_database_ratio_large_to_small_p50']:.2f}x in the database.",
             "",
         ]
+    if "ahead" in r:
+        import ahead
+
+        out += ahead.table(r["ahead"])
     if "soak" in r:
         import soak
 
