@@ -6,7 +6,6 @@ import threading
 import time
 from datetime import datetime, timedelta
 
-import psycopg
 import pytest
 import requests
 import sqlalchemy
@@ -17,7 +16,7 @@ import locking
 import tokens
 from conftest import expire_access_token, sign_in, stored_user
 from models import RefreshEvent, User, db, utcnow
-from servers import Gunicorn, burst, free_port, http_sign_in, migrate, server_env
+from servers import Gunicorn, burst, free_port, http_sign_in, server_env
 from standin.store import Store
 
 # Within the default TOKEN_REFRESH_AHEAD (300 s) of counting as expired (the default leeway, 60 s, before expiry).
@@ -219,11 +218,8 @@ def instance(tmp_path, database_url):
         STANDIN_ACCESS_TOKEN_TTL=str(TTL),
         TOKEN_REFRESH_LEEWAY=str(LEEWAY),
         STANDIN_REFRESH_DELAY_MS="1000",
+        TOKEN_REFRESH_AHEAD="300",
     )
-    if database_url.startswith("postgresql"):
-        with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
-            conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    migrate(env)
 
     def start(port: int | None = None, workers: int = 3, **extra: str) -> Gunicorn:
         port = port or (issuer_port if not started else free_port())
