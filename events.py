@@ -54,16 +54,18 @@ class Outcome(enum.StrEnum):
 
 
 def record(attempt: Attempt, outcome: Outcome, *, cause: str | None = None, reason: str = "", write: bool = True) -> None:
-    """Record what became of an attempt and end its transaction: the event row, the commit (the locks go with it), one log line.
+    """Record what became of an attempt: the event row, the commit (the locks go with it), one log line.
 
     The row is written in a savepoint, so a refused row never takes the rest of the transaction
     (a rotation) down with it. write=False keeps no row: an attempt that asked no one writes
-    nothing, so no one queues behind it. A commit that fails raises, and nothing is logged.
+    nothing, so no one queues behind it; one that holds no lock either (a waiter) keeps the person
+    it read loaded, uncommitted. A commit that fails raises, and nothing is logged.
     """
     seconds = time.monotonic() - attempt.started
     if write:
         _write(attempt, outcome, cause, seconds)
-    db.session.commit()
+    if write or attempt.holds_turn:
+        db.session.commit()
     _log(attempt, outcome, seconds, cause, reason)
     # The refresh histogram takes the refresher's whole refresh, so only attempts that asked the provider.
     metrics.count_refresh(attempt.kind, outcome.value, seconds if attempt.provider_ms is not None else None)
