@@ -1,5 +1,6 @@
 """Run the real app under gunicorn in its own processes, and sign a person in over real HTTP."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -7,10 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
+
+from standin.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -43,6 +47,30 @@ def server_env(tmp_path: Path, database_url: str, issuer: str, **extra: str) -> 
     )
     env.update(extra)
     return env
+
+
+@contextlib.contextmanager
+def instances(tmp_path: Path, database_url: str, **extra: str) -> Iterator[Callable[..., "Gunicorn"]]:
+    """Start app instances on one database, all sharing the stand-in embedded in the first (whose port the issuer names).
+
+    Yield start(port=None, workers=3, **env) -> Gunicorn, with .store, the stand-in's store; every instance stops at the end.
+    """
+    started: list[Gunicorn] = []
+    issuer_port = free_port()
+    env = server_env(tmp_path, database_url, f"http://127.0.0.1:{issuer_port}/standin", **extra)
+
+    def start(port: int | None = None, workers: int = 3, **more: str) -> Gunicorn:
+        port = port or (issuer_port if not started else free_port())
+        server = Gunicorn(env | more, port, tmp_path / f"gunicorn-{port}.log", workers=workers).start()
+        started.append(server)
+        return server
+
+    start.store = Store(env["STANDIN_DATABASE_URL"])
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
 
 
 def migrate(env: dict) -> None:

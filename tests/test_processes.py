@@ -12,8 +12,7 @@ from sqlalchemy import NullPool, create_engine, update
 
 from models import User
 from pgbouncer import EVERY_DATABASE, POSTGRESQL_AND_PGBOUNCER, pgbouncer_server, pooler  # noqa: F401 (fixtures used by name)
-from servers import Gunicorn, burst, free_port, http_sign_in, server_env
-from standin.store import Store
+from servers import Gunicorn, burst, http_sign_in, instances
 
 pytestmark = pytest.mark.slow
 
@@ -33,24 +32,10 @@ def make_due(database_url: str) -> None:
 @pytest.fixture
 def instance(tmp_path, database_url, pooler):  # noqa: F811 (the pooler fixture, imported above)
     """Start app instances on this test's database (through PgBouncer for the pooler's variant), sharing one stand-in provider."""
-    started: list[Gunicorn] = []
-    issuer_port = free_port()
-    direct_url = database_url
-    if pooler is not None:
-        database_url = pooler.url_for(database_url)
-    env = server_env(tmp_path, database_url, f"http://127.0.0.1:{issuer_port}/standin", STANDIN_ACCESS_TOKEN_TTL=str(TTL), TOKEN_REFRESH_LEEWAY=str(LEEWAY))
-
-    def start(port: int | None = None, workers: int = 3, **extra: str) -> Gunicorn:
-        port = port or (issuer_port if not started else free_port())
-        server = Gunicorn(env | extra, port, tmp_path / f"gunicorn-{port}.log", workers=workers).start()
-        started.append(server)
-        return server
-
-    start.store = Store(env["STANDIN_DATABASE_URL"])
-    start.make_due = lambda: make_due(direct_url)
-    yield start
-    for server in started:
-        server.stop()
+    served_url = pooler.url_for(database_url) if pooler is not None else database_url
+    with instances(tmp_path, served_url, STANDIN_ACCESS_TOKEN_TTL=str(TTL), TOKEN_REFRESH_LEEWAY=str(LEEWAY)) as start:
+        start.make_due = lambda: make_due(database_url)
+        yield start
 
 
 @EVERY_DATABASE

@@ -16,8 +16,7 @@ import locking
 import tokens
 from conftest import expire_access_token, sign_in, stored_user
 from models import RefreshEvent, User, db, utcnow
-from servers import Gunicorn, burst, free_port, http_sign_in, server_env
-from standin.store import Store
+from servers import Gunicorn, burst, http_sign_in, instances
 
 # Within the default TOKEN_REFRESH_AHEAD (300 s) of counting as expired (the default leeway, 60 s, before expiry).
 DUE_AHEAD = timedelta(seconds=60 + 120)
@@ -209,29 +208,10 @@ TTL = 70
 @pytest.fixture
 def instance(tmp_path, database_url):
     """Start app instances on this test's database, all sharing one stand-in provider that answers refreshes late."""
-    started: list[Gunicorn] = []
-    issuer_port = free_port()
-    env = server_env(
-        tmp_path,
-        database_url,
-        f"http://127.0.0.1:{issuer_port}/standin",
-        STANDIN_ACCESS_TOKEN_TTL=str(TTL),
-        TOKEN_REFRESH_LEEWAY=str(LEEWAY),
-        STANDIN_REFRESH_DELAY_MS="1000",
-        TOKEN_REFRESH_AHEAD="300",
-    )
-
-    def start(port: int | None = None, workers: int = 3, **extra: str) -> Gunicorn:
-        port = port or (issuer_port if not started else free_port())
-        server = Gunicorn(env | extra, port, tmp_path / f"gunicorn-{port}.log", workers=workers).start()
-        started.append(server)
-        return server
-
-    start.store = Store(env["STANDIN_DATABASE_URL"])
-    start.database_url = database_url
-    yield start
-    for server in started:
-        server.stop()
+    late = {"STANDIN_REFRESH_DELAY_MS": "1000", "TOKEN_REFRESH_AHEAD": "300"}
+    with instances(tmp_path, database_url, STANDIN_ACCESS_TOKEN_TTL=str(TTL), TOKEN_REFRESH_LEEWAY=str(LEEWAY), **late) as start:
+        start.database_url = database_url
+        yield start
 
 
 def wait_until_due_ahead(browser: requests.Session, base_url: str) -> float:
