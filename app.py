@@ -124,8 +124,8 @@ def load_person() -> Response | None:
         if sessions.is_live(g.cookie_session):
             g.session, g.user = g.cookie_session, person
         elif rules.refreshes and request.method == "GET" and not policy.answers_json() and current_app.config["SILENT_SIGN_IN"]:
-            # The grant behind it died: a page goes through the provider again, silently if it can.
-            g.cookie = sessions.Cookie.DROP
+            # The grant behind it died: a page goes through the provider again, silently if it can. The
+            # cookie stays: it is what lets the sign-in be silent (auth.login).
             return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=1))
     elif request.cookies.get(sessions.cookie_name()):
         g.cookie = sessions.Cookie.DROP  # tampered or unknown: simply signed out
@@ -182,8 +182,9 @@ def sign_in_required(exc: SignInRequired) -> Response:
     if policy.answers_json():
         # The cookie stays: the next page this browser opens resumes the sign-in silently.
         return jsonify(error="sign_in_required", message="Your sign-in has ended; please sign in again."), 401
-    g.cookie = sessions.Cookie.DROP
     silent = 1 if request.method == "GET" and current_app.config["SILENT_SIGN_IN"] else None
+    if silent is None:
+        g.cookie = sessions.Cookie.DROP
     return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=silent))
 
 

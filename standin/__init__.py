@@ -119,9 +119,21 @@ def authorize():
         return _back(redirect_uri, issuer, error="invalid_scope", state=state)
     if request.method == "GET":
         return _ask_or_sign_in_silently(params)
+    _refuse_cross_site_post()
     if "cancel" in request.form:
         return _back(redirect_uri, issuer, error="access_denied", state=state)
     return _signed_in(params, request.form.get("name", "").strip())
+
+
+def _refuse_cross_site_post() -> None:
+    """Refuse a sign-in form posted from another site: it would sign the browser in as whoever that site chose (login CSRF)."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        abort(403, "Cross-site sign-in refused.")
+    origin = request.headers.get("Origin")
+    # Under Referrer-Policy: no-referrer browsers send "Origin: null" even from the form's own page; Sec-Fetch-Site vouches then.
+    if origin is not None and _origin(origin) != _origin(request.host_url) and not (origin == "null" and site == "same-origin"):
+        abort(403, "Cross-site sign-in refused.")
 
 
 def _ask_or_sign_in_silently(params: Mapping) -> Response | str:
