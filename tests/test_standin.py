@@ -440,5 +440,7 @@ def test_sign_in_form_posted_from_another_site_is_refused(provider, headers):
 )
 def test_sign_in_form_posted_from_its_own_page_signs_in(provider, headers):
     params = authorize_params(REDIRECT)
-    reply = provider.test_client().post("/authentication/v2/authorize", query_string=params, data={"name": "Ada"}, headers=headers, base_url="http://provider.test")
+    reply = provider.test_client().post(
+        "/authentication/v2/authorize", query_string=params, data={"name": "Ada"}, headers=headers, base_url="http://provider.test"
+    )
     assert reply.status_code == 302 and "code=" in reply.headers["Location"]
