@@ -38,7 +38,7 @@ import tokens
 from grants import SignInRequired
 from locking import LockTimeout
 from models import db
-from provider import BackChannel, Provider, ProviderError, ProviderRejected, aps_endpoints, discover
+from provider import BackChannel, Provider, ProviderError, ProviderRejected, TokenRefused, aps_endpoints, discover
 from redirects import safe_next
 from standin.inprocess import WSGIAdapter
 from standin.store import private_sqlite_file
@@ -229,6 +229,8 @@ def _try_again(error: str, message: str) -> tuple[Response | str, int]:
 def provider_refused(exc: ProviderRejected) -> tuple[Response | str, int]:
     """Answer 403 naming the provider's refusal, and keep the session: asking again would get the same answer."""
     message = f"The sign-in provider refused to issue this token ({exc.error}); you are still signed in."
+    if isinstance(exc, TokenRefused):
+        message = f"The API refused this request with your access token ({exc.error}); you are still signed in."
     if policy.answers_json():
         return jsonify(error="provider_refused", cause=exc.error, message=message), 403
     return render_template("error.html", title="The sign-in provider refused this", detail=message, retry=None), 403
@@ -325,6 +327,8 @@ def _init_provider(app: Flask) -> None:
                 "database_url": cfg["STANDIN_DATABASE_URL"],
                 "access_ttl": cfg["STANDIN_ACCESS_TOKEN_TTL"],
                 "strict": cfg["STANDIN_STRICT"],
+                "narrows_quietly": cfg["STANDIN_NARROWS_QUIETLY"],
+                "introspects_access_only": cfg["STANDIN_INTROSPECTS_ACCESS_ONLY"],
             }
         )
         mount = urlsplit(issuer).path.rstrip("/")

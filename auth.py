@@ -182,6 +182,7 @@ def _sign_in(flow: dict, grant: TokenResponse, info: dict) -> Response | tuple[s
     cookie = sessions.start(user, provider_sid=grant.sid)
     db.session.commit()
     metrics.count_sign_in("silent" if flow.get("silent") else "interactive")
+    tokens.learn_introspection(grant.refresh_token)
     _prefetch_viewer_token(user)
     response = redirect(flow["next"])
     sessions.set_cookie(response, cookie, user.refresh_expires_at)

@@ -47,7 +47,10 @@ def create_app(settings: Mapping) -> Flask:
     """Create the stand-in provider from its settings.
 
     settings: issuer, clients ({client_id: secret}), redirect_uris (exact URIs allowed; empty
-    allows only /auth/callback on the stand-in's own origin), database_url, access_ttl, strict.
+    allows only /auth/callback on the stand-in's own origin), database_url, access_ttl, strict; and
+    two habits of real providers, off unless set: narrows_quietly (a narrowed refresh narrows the
+    whole grant, no reply names its scope, userinfo refuses with an empty 403) and
+    introspects_access_only (introspection answers active: false for every refresh token).
     """
     app = Flask(__name__)
     app.config["STANDIN"] = dict(settings)
@@ -221,6 +224,8 @@ def introspect():
     if access:
         return _active(access, "access_token")
     refresh = store.refresh_token(token)
+    if _settings().get("introspects_access_only"):
+        refresh = None  # some providers introspect access tokens only, and call every other token inactive
     if refresh and refresh["status"] == "active" and refresh["expires_at"] > time.time():
         return _active(refresh, "refresh_token")
     return jsonify(active=False)
@@ -249,6 +254,8 @@ def userinfo():
     if not {"user-profile:read", "openid"} & set(access["scope"].split()):
         # APS wants user-profile:read (OpenID Connect: openid); a viewer's narrowed token gets nothing.
         challenge = 'Bearer error="insufficient_scope", scope="user-profile:read"'
+        if _settings().get("narrows_quietly"):
+            return "", 403, {"WWW-Authenticate": challenge}  # the challenge alone says why
         return jsonify(error="insufficient_scope", error_description="user-profile:read is required"), 403, {"WWW-Authenticate": challenge}
     person = store.person(access["sub"])
     return jsonify(sub=person["sub"], name=person["name"], preferred_username=person["name"], email=person["email"], email_verified=True)
@@ -379,17 +386,22 @@ def _refresh_grant(store: Store, cfg: Mapping, client_id: str) -> dict:
             raise OAuthError("invalid_scope", "requested scope exceeds the granted scope")
         else:
             conn.execute(update(refresh_tokens).where(refresh_tokens.c.token_hash == row["token_hash"]).values(status="used"))
+            access_scope = " ".join(requested) if requested else row["scope"]
             # The new refresh token keeps the full grant; only the access token is narrowed (RFC 6749 §6).
+            # A provider that narrows quietly narrows the grant too, and says nothing of scope.
+            quiet = cfg.get("narrows_quietly")
             body = store.issue(
                 conn,
                 client_id=client_id,
                 sub=row["sub"],
-                scope=row["scope"],
-                access_scope=" ".join(requested) if requested else row["scope"],
+                scope=access_scope if quiet else row["scope"],
+                access_scope=access_scope,
                 access_ttl=cfg["access_ttl"],
                 refresh_ttl=REFRESH_TTL,
             )
             store.record(conn, "refresh", row["sub"])
+            if quiet:
+                del body["scope"]
             return body
         store.record(conn, "refresh_rejected", row["sub"] if row else "")
     raise failure
