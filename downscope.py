@@ -5,7 +5,9 @@ refresh token keeps the original scope (RFC 6749 §6), as APS does. Some provide
 refresh token too, so every later refresh comes back narrowed and the person's full-scope calls fail.
 The app notices at the next full refresh (it comes back with nothing beyond the viewer scope), ends
 that grant, stops downscoping at this provider and asks the person to sign in once more. The database
-keeps the fact as a refresh event, so every worker and instance stops too.
+keeps the fact as a refresh event, so every worker and instance stops too. A provider that names no
+scope in its replies is found out by a resource server instead: insufficient_scope to the token of the
+first full refresh after a narrowed one (narrowed_quietly, bearer.py).
 """
 
 import contextlib
