@@ -22,6 +22,7 @@ import auth
 import backchannel
 import config
 import csrf
+import health
 import housekeeping
 import keys
 import limits
@@ -78,6 +79,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(proxy.bp)
     app.register_blueprint(backchannel.bp)
+    app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.before_request(load_person)
     app.after_request(security_headers)
@@ -134,8 +136,8 @@ def load_person() -> Response | None:
     if g.session is not None and rules.keeps_alive:
         sessions.touch(g.session)
     csrf.protect()
-    if g.user is not None and rules.refreshes and tokens.is_stale(g.user.access_expires_at):
-        g.account_row = tokens.refresh(g.user.id, "access", trigger=f"{request.method} {request.path}")
+    if g.user is not None and rules.refreshes:
+        g.account_row = tokens.refresh_if_due(g.user, trigger=f"{request.method} {request.path}")
     return None
 
 
@@ -270,7 +272,10 @@ def _init_database(app: Flask) -> None:
         # TCP keepalives find a server that vanished without a word (a host lost, a failover) under a pooled
         # connection within about a minute, so the check below replaces it before use.
         keepalives = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
-        options.setdefault("connect_args", {"prepare_threshold": None, **keepalives})
+        # DATABASE_PREPARED_STATEMENTS opts in, for a direct connection only: psycopg's default, a
+        # statement prepared on its fifth execution on a connection (bench/run.py --only hook shows the gain).
+        prepare = {} if app.config.get("DATABASE_PREPARED_STATEMENTS") else {"prepare_threshold": None}
+        options.setdefault("connect_args", {**prepare, **keepalives})
     # The sign-in hook's one read per request runs on an engine of its own in autocommit: no BEGIN
     # before it, no ROLLBACK after it, and a retry instead of a ping (sessions.load). Each thread
     # keeps its own connection to it (sessions._reader): as many as the server has threads.

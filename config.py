@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import click
 from cryptography.fernet import Fernet
 
 APS_HOST = "https://developer.api.autodesk.com"
@@ -30,6 +31,9 @@ APS_PROXY_PATHS = (
 )
 
 APP_ENVS = ("development", "production")
+# The stand-in's own client, which the demo's .env names too: never a real provider's.
+STANDIN_CLIENT_ID = "standin-client"
+STANDIN_CLIENT_SECRET = "standin-secret"
 # A signing key shorter than this is guessable offline from one signed cookie.
 MIN_SECRET_KEY_BYTES = 32
 
@@ -55,21 +59,22 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
     if provider not in DEFAULT_SCOPES:
         raise ConfigError("OAUTH_PROVIDER must be one of standin, autodesk, oidc.")
 
-    client_id = env("OAUTH_CLIENT_ID") or (provider == "autodesk" and env("APS_CLIENT_ID")) or None
+    client_id = env("OAUTH_CLIENT_ID")
     client_secret = env("OAUTH_CLIENT_SECRET")
     redirect_uri = env("OAUTH_REDIRECT_URI")
     if provider == "autodesk":
-        client_secret = client_secret or env("APS_CLIENT_SECRET")
-        redirect_uri = redirect_uri or env("APS_CALLBACK_URL")
+        client_id = _one_of(environ, "OAUTH_CLIENT_ID", "APS_CLIENT_ID")
+        client_secret = _one_of(environ, "OAUTH_CLIENT_SECRET", "APS_CLIENT_SECRET")
+        redirect_uri = _one_of(environ, "OAUTH_REDIRECT_URI", "APS_CALLBACK_URL")
     if provider == "standin":
-        client_id = client_id or "standin-client"
-        client_secret = client_secret or "standin-secret"
+        client_id = client_id or STANDIN_CLIENT_ID
+        client_secret = client_secret or STANDIN_CLIENT_SECRET
     if not client_id:
         names = "OAUTH_CLIENT_ID (or APS_CLIENT_ID)" if provider == "autodesk" else "OAUTH_CLIENT_ID"
         raise ConfigError(f"{names} must be set when OAUTH_PROVIDER is {provider}.")
 
     issuer = env("OAUTH_ISSUER") or {
-        "standin": "http://localhost:5000/standin",
+        "standin": f"http://localhost:{_flask_run_port() or 5000}/standin",
         "autodesk": APS_HOST,
     }.get(provider)
     if provider == "oidc" and not issuer:
@@ -88,6 +93,9 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         "APP_ENV": "production" if production else "development",
         "SECRET_KEY": env("SECRET_KEY") or (None if production else _kept_secret(instance_path, "secret_key", lambda: secrets.token_hex(32))),
         "SQLALCHEMY_DATABASE_URI": env("DATABASE_URL") or f"sqlite:///{Path(instance_path) / 'app.sqlite'}",
+        # Server-side prepared statements on PostgreSQL: only on a direct connection, never behind a
+        # transaction-mode pooler (PgBouncer, RDS Proxy), which sends the next execution to another server connection.
+        "DATABASE_PREPARED_STATEMENTS": _bool(environ, "DATABASE_PREPARED_STATEMENTS", False),
         "OAUTH_PROVIDER": provider,
         "OAUTH_ISSUER": issuer.rstrip("/"),
         "OAUTH_CLIENT_ID": client_id,
@@ -101,6 +109,8 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         # Where this server reaches the provider when OAUTH_ISSUER is only the browser's address (Docker).
         "OAUTH_BACKCHANNEL_URL": backchannel_url.rstrip("/") if backchannel_url else None,
         "TOKEN_REFRESH_LEEWAY": _int(environ, "TOKEN_REFRESH_LEEWAY", 60),
+        # Seconds before the leeway when a request still gets the valid token and a refresh starts after its response.
+        "TOKEN_REFRESH_AHEAD": _int(environ, "TOKEN_REFRESH_AHEAD", 300),
         "PROVIDER_TIMEOUT": _int(environ, "PROVIDER_TIMEOUT", 10),
         # A refresh whose reply times out may have rotated the token: wait longer for it than for other calls.
         "PROVIDER_REFRESH_TIMEOUT": _int(environ, "PROVIDER_REFRESH_TIMEOUT", 30),
@@ -148,19 +158,27 @@ def check(config: Mapping) -> None:
     if config["OAUTH_PROVIDER"] != "standin" and not config.get("OAUTH_CLIENT_SECRET"):
         raise ConfigError("OAUTH_CLIENT_SECRET must be set for a confidential client.")
     if config["APP_ENV"] == "production":
-        if config["OAUTH_PROVIDER"] == "standin":
-            raise ConfigError("OAUTH_PROVIDER=standin is for development only; set APP_ENV=development or a real provider.")
-        if not config["SESSION_COOKIE_SECURE"]:
-            raise ConfigError("SESSION_COOKIE_SECURE must stay on in production.")
-        if len(config["SECRET_KEY"].encode()) < MIN_SECRET_KEY_BYTES:
-            raise ConfigError(f"SECRET_KEY must be at least {MIN_SECRET_KEY_BYTES} bytes in production (secrets.token_hex(32) makes one).")
-        if not config.get("OAUTH_REDIRECT_URI"):
-            # Otherwise it is built from the Host header, which the client chooses.
-            raise ConfigError("OAUTH_REDIRECT_URI must be set in production (the https://.../auth/callback registered with the provider).")
-        # Codes, tokens and the client secret travel to and from these: only over TLS, or within this machine.
-        for name in ("OAUTH_ISSUER", "OAUTH_REDIRECT_URI", "OAUTH_USERINFO_URL", "APS_API_URL", "OAUTH_POST_LOGOUT_REDIRECT_URI"):
-            if config.get(name) and not _https_or_loopback(config[name]):
-                raise ConfigError(f"{name} must use https in production (plain http only on the loopback), got {config[name]!r}.")
+        _check_production(config)
+
+
+def _check_production(config: Mapping) -> None:
+    """Refuse what development allows: the stand-in, its client, insecure cookies, a short secret, plain http."""
+    if config["OAUTH_PROVIDER"] == "standin":
+        raise ConfigError("OAUTH_PROVIDER=standin is for development only; set APP_ENV=development or a real provider.")
+    for name, value in (("OAUTH_CLIENT_ID", STANDIN_CLIENT_ID), ("OAUTH_CLIENT_SECRET", STANDIN_CLIENT_SECRET)):
+        if config.get(name) == value:
+            raise ConfigError(f"{name} is the stand-in's {value!r}; production needs the one your provider issued (remove the demo's line from .env).")
+    if not config["SESSION_COOKIE_SECURE"]:
+        raise ConfigError("SESSION_COOKIE_SECURE must stay on in production.")
+    if len(config["SECRET_KEY"].encode()) < MIN_SECRET_KEY_BYTES:
+        raise ConfigError(f"SECRET_KEY must be at least {MIN_SECRET_KEY_BYTES} bytes in production (secrets.token_hex(32) makes one).")
+    if not config.get("OAUTH_REDIRECT_URI"):
+        # Otherwise it is built from the Host header, which the client chooses.
+        raise ConfigError("OAUTH_REDIRECT_URI must be set in production (the https://.../auth/callback registered with the provider).")
+    # Codes, tokens and the client secret travel to and from these: only over TLS, or within this machine.
+    for name in ("OAUTH_ISSUER", "OAUTH_REDIRECT_URI", "OAUTH_USERINFO_URL", "APS_API_URL", "OAUTH_POST_LOGOUT_REDIRECT_URI"):
+        if config.get(name) and not _https_or_loopback(config[name]):
+            raise ConfigError(f"{name} must use https in production (plain http only on the loopback), got {config[name]!r}.")
 
 
 def _kept_secret(instance_path: str, name: str, make) -> str:
@@ -177,6 +195,22 @@ def _kept_secret(instance_path: str, name: str, make) -> str:
     if path.stat().st_mode & 0o077:
         path.chmod(0o600)  # left readable by an older version or a copy
     return path.read_text().strip()
+
+
+def _one_of(environ: Mapping[str, str], name: str, alias: str) -> str | None:
+    """Read a setting that has two names; refuse both set to different values (which one wins is a guess)."""
+    value, other = environ.get(name), environ.get(alias)
+    if value and other and value != other:
+        raise ConfigError(f"{name} and {alias} name one setting but differ; set only one of them.")
+    return value or other or None
+
+
+def _flask_run_port() -> int | None:
+    """The port `flask --app app run --port N` serves on, so the embedded stand-in's issuer follows it."""
+    context = click.get_current_context(silent=True)
+    if context is None or context.info_name != "run":
+        return None
+    return context.params.get("port")
 
 
 def _https_or_loopback(url: str) -> bool:

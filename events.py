@@ -22,6 +22,8 @@ log = logging.getLogger("tokens")
 
 # Marks the viewer token's refresh at sign-in, so the session page can say why a fresh sign-in shows one rotation.
 AT_SIGN_IN = "(sign-in)"
+# Marks a refresh ahead of expiry, which ran after the response of the request that asked (tokens.refresh_ahead).
+AHEAD = "(ahead)"
 
 
 class Attempt(Protocol):
@@ -52,16 +54,18 @@ class Outcome(enum.StrEnum):
 
 
 def record(attempt: Attempt, outcome: Outcome, *, cause: str | None = None, reason: str = "", write: bool = True) -> None:
-    """Record what became of an attempt and end its transaction: the event row, the commit (the locks go with it), one log line.
+    """Record what became of an attempt: the event row, the commit (the locks go with it), one log line.
 
     The row is written in a savepoint, so a refused row never takes the rest of the transaction
     (a rotation) down with it. write=False keeps no row: an attempt that asked no one writes
-    nothing, so no one queues behind it. A commit that fails raises, and nothing is logged.
+    nothing, so no one queues behind it; one that holds no lock either (a waiter) keeps the person
+    it read loaded, uncommitted. A commit that fails raises, and nothing is logged.
     """
     seconds = time.monotonic() - attempt.started
     if write:
         _write(attempt, outcome, cause, seconds)
-    db.session.commit()
+    if write or attempt.holds_turn:
+        db.session.commit()
     _log(attempt, outcome, seconds, cause, reason)
     # The refresh histogram takes the refresher's whole refresh, so only attempts that asked the provider.
     metrics.count_refresh(attempt.kind, outcome.value, seconds if attempt.provider_ms is not None else None)
@@ -140,3 +144,8 @@ def last_issued(user: User, kind: str) -> datetime | None:
 def at_sign_in(event: RefreshEvent) -> bool:
     """Tell whether this is the viewer token's refresh that a sign-in makes."""
     return event.kind == "viewer" and event.trigger.endswith(AT_SIGN_IN)
+
+
+def ahead(event: RefreshEvent) -> bool:
+    """Tell whether this refresh ran ahead of expiry, after a response."""
+    return event.trigger.endswith(AHEAD)

@@ -8,6 +8,7 @@ Options on the command line (and GUNICORN_CMD_ARGS) take precedence over these.
 import glob
 import os
 import shutil
+import signal
 import tempfile
 from urllib.parse import quote
 
@@ -83,6 +84,43 @@ def on_exit(server) -> None:
         shutil.rmtree(made, ignore_errors=True)
 
 
+# --- Stops: a refresh in flight when the instance is told to stop still stores its rotation. -------------
+
+
+def _seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else default  # a bad value stops start-up in on_starting
+
+
+def refresh_budget() -> int:
+    """Seconds a refresh already sent may still need: its reply, an introspection after a lost one, the store's retries."""
+    return _seconds("PROVIDER_REFRESH_TIMEOUT", 30) + _seconds("PROVIDER_TIMEOUT", 10) + _seconds("ROTATION_STORE_RETRY", 10)
+
+
+# SIGTERM (docker stop, Kubernetes, systemd) lets requests in flight finish for this long before the
+# workers are killed: a refresh cut off after the provider rotated would be a sign-in lost.
+graceful_timeout = refresh_budget() + 5
+
+
+def _is_the_app(arbiter_or_worker) -> bool:
+    return (getattr(arbiter_or_worker.app, "app_uri", None) or "").split(":")[0] == "app"
+
+
+def post_worker_init(worker) -> None:
+    """Make /readyz answer 503 from the moment this worker starts its graceful stop (SIGTERM)."""
+    if not _is_the_app(worker):
+        return
+    import health
+
+    graceful = worker.handle_exit
+
+    def stop(signum, frame) -> None:
+        health.stopping.set()
+        graceful(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def on_starting(server) -> None:
     """Check the app's settings once, in the master, before any worker starts.
 
@@ -92,11 +130,18 @@ def on_starting(server) -> None:
     import config
 
     fresh_metrics_dir()
-    if (getattr(server.app, "app_uri", None) or "").split(":")[0] != "app":
+    if not _is_the_app(server):
         return  # another app under the same settings (the compose stand-in)
     from app import load_config
 
     try:
-        load_config()
+        settings = load_config()
     except config.ConfigError as exc:
         raise SystemExit(f"Configuration error: {exc}") from None
+    budget = settings["PROVIDER_REFRESH_TIMEOUT"] + settings["PROVIDER_TIMEOUT"] + settings["ROTATION_STORE_RETRY"]
+    # Production only: the demo stops within seconds on Ctrl-C, its stand-in answering refreshes in-process.
+    if settings["APP_ENV"] == "production" and server.cfg.graceful_timeout <= budget:
+        raise SystemExit(
+            f"Configuration error: gunicorn's graceful timeout ({server.cfg.graceful_timeout} s) must be longer than a refresh may take "
+            f"({budget} s: PROVIDER_REFRESH_TIMEOUT + PROVIDER_TIMEOUT + ROTATION_STORE_RETRY); leave --graceful-timeout unset."
+        )

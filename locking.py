@@ -13,6 +13,7 @@ that requests waiting for a refresh can wait side by side instead of one after a
 - SQLite: one database-wide write lock (BEGIN IMMEDIATE) is both: waiters take it in turn.
 
 No lock is waited for longer than a refresh may take (lock_wait): then LockTimeout, and nothing changed.
+A refresh ahead of expiry does not wait for the turn at all (take_turn with wait=False).
 """
 
 import contextlib
@@ -52,13 +53,17 @@ class PostgreSQLLocks:
         db.session.commit()
         db.session.execute(self._limit_wait)
 
-    def take_turn(self, user_id: int) -> bool:
-        """Start a transaction holding the person's refresh turn; False when another request held it and has now let go."""
+    def take_turn(self, user_id: int, wait: bool = True) -> bool:
+        """Start a transaction holding the person's refresh turn; False when another request held it and has now let go.
+
+        wait=False: False at once while another request holds it (a refresh ahead of expiry gives way).
+        """
         self.begin()
         with _lock_wait_ends():
             if db.session.execute(select(func.pg_try_advisory_xact_lock(REFRESH_TURN, user_id))).scalar():
                 return True
-            db.session.execute(select(func.pg_advisory_xact_lock_shared(REFRESH_TURN, user_id)))
+            if wait:
+                db.session.execute(select(func.pg_advisory_xact_lock_shared(REFRESH_TURN, user_id)))
         db.session.commit()  # let go of the shared lock at once: the next refresher, if one is needed, must not wait for us
         return False
 
@@ -72,16 +77,36 @@ class PostgreSQLLocks:
 class SQLiteLocks:
     """The database write lock, taken up front: it is the row lock and the refresh turn at once."""
 
+    def __init__(self, wait: float):
+        self._wait_ms = int(wait * 1000)
+
     def begin(self) -> None:
         """Start a transaction holding the write lock; waiting for it gives up after lock_wait (the busy timeout, app.py)."""
         db.session.commit()
         with _lock_wait_ends():
             db.session.execute(text("BEGIN IMMEDIATE"))
 
-    def take_turn(self, user_id: int) -> bool:
-        """Start a transaction holding the write lock, which is everyone's turn in turn."""
-        self.begin()
-        return True
+    def take_turn(self, user_id: int, wait: bool = True) -> bool:
+        """Start a transaction holding the write lock, which is everyone's turn in turn; wait=False: False at once while another holds it."""
+        if wait:
+            self.begin()
+            return True
+        db.session.commit()
+        connection = db.session.connection()
+        connection.exec_driver_sql("PRAGMA busy_timeout = 0")
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            taken = True
+        except OperationalError as exc:
+            if not _is_lock_timeout(exc):
+                raise
+            taken = False
+        finally:
+            # On this connection, before it goes back to the pool: the next transaction on it waits again.
+            connection.exec_driver_sql(f"PRAGMA busy_timeout = {self._wait_ms}")
+        if not taken:
+            db.session.rollback()
+        return taken
 
     def waiting(self, user_id: int) -> ColumnElement[int]:
         return literal(0)  # waiters queue for the write lock, where no one can count them
@@ -114,7 +139,7 @@ def init_app(app: Flask) -> None:
     """Choose the locking strategy of the app's database."""
     with app.app_context():
         postgresql = db.engine.dialect.name == "postgresql"
-    app.extensions["locks"] = PostgreSQLLocks(lock_wait(app.config)) if postgresql else SQLiteLocks()
+    app.extensions["locks"] = PostgreSQLLocks(lock_wait(app.config)) if postgresql else SQLiteLocks(lock_wait(app.config))
 
 
 def current() -> PostgreSQLLocks | SQLiteLocks:

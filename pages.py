@@ -220,6 +220,7 @@ def lifecycle(user: User) -> dict:
                 "kind": e.kind,
                 "outcome": e.outcome,
                 "trigger": e.trigger,
+                "ahead": events.ahead(e),
                 "waiters": e.waiters,
                 "duration_ms": e.duration_ms,
             }

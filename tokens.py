@@ -41,6 +41,11 @@ What else the provider may answer, each recorded (events.record) before the lock
   provider that names no scope in its reply is found out later, when a resource server answers
   insufficient_scope to the token of the first full refresh after a narrowed one (bearer.py).
 
+Ahead of expiry: a request that finds its access token within TOKEN_REFRESH_AHEAD of the leeway
+is served with it, and refresh_ahead runs the same attempt once round after the response
+(after_response.py). It never waits for the turn: a request that holds it refreshes, and a token that
+changed meanwhile (refreshed, signed in anew, signed out: read under the lock) is left alone.
+
 No lock is waited for longer than a refresh may take: then LockTimeout (503), nothing changed.
 A known gap: while a failed commit is retried (step 5) the locks are released, so a request that
 takes the turn in those milliseconds may replay the used token. A database restart kills that
@@ -57,6 +62,7 @@ from typing import NoReturn
 from flask import current_app
 from sqlalchemy.exc import SQLAlchemyError
 
+import after_response
 import downscope
 import events
 import grants
@@ -87,6 +93,34 @@ def is_stale(expires_at: datetime | None) -> bool:
     return expires_at - leeway <= utcnow()
 
 
+def is_due_ahead(user: User) -> bool:
+    """Tell whether a valid access token counts as expired within TOKEN_REFRESH_AHEAD seconds, and has served half its time."""
+    window = timedelta(seconds=current_app.config["TOKEN_REFRESH_AHEAD"])
+    issued = _issued_at(user)
+    if not window or user.access_expires_at is None or issued is None:
+        return False
+    stale_at = user.access_expires_at - timedelta(seconds=current_app.config["TOKEN_REFRESH_LEEWAY"])
+    # Short-lived tokens would otherwise be due ahead as soon as they are issued: a refresh per request.
+    return stale_at - min(window, (stale_at - issued) / 2) <= utcnow()
+
+
+def _issued_at(user: User) -> datetime | None:
+    # The hook's read brings the latest access refresh; a request without it counts from the sign-in.
+    at, outcome = getattr(user, "last_refresh_at", None), getattr(user, "last_refresh_outcome", None)
+    if at is not None and outcome == Outcome.REFRESHED and (user.signed_in_at is None or at > user.signed_in_at):
+        return at
+    return user.signed_in_at
+
+
+def refresh_if_due(person: User, trigger: str) -> User | None:
+    """Refresh a stale access token now and return the person; schedule one due ahead (is_due_ahead) for after the response."""
+    if is_stale(person.access_expires_at):
+        return refresh(person.id, "access", trigger)
+    if is_due_ahead(person):
+        after_response.run(("access", person.id), refresh_ahead, person.id, person.access_expires_at, trigger)
+    return None
+
+
 def ensure_fresh_access_token(user: User, trigger: str, rejected: str | None = None) -> User:
     """Return the person with an access token that outlives the leeway, refreshing it if needed.
 
@@ -96,6 +130,23 @@ def ensure_fresh_access_token(user: User, trigger: str, rejected: str | None = N
     if not is_stale(user.access_expires_at) and (rejected is None or user.access_token != rejected):
         return user
     return refresh(user.id, "access", trigger, rejected)
+
+
+def refresh_ahead(user_id: int, expires_at: datetime, trigger: str) -> None:
+    """Refresh the access token that expires at expires_at, after a response: only if no other request holds the turn or replaced it.
+
+    The same protocol as refresh, once round: it never waits for the turn, and a token that has
+    changed since the request saw it (refreshed elsewhere, a new sign-in, a sign-out) is left alone.
+    """
+    attempt = Attempt(user_id, "access", f"{trigger[:240]} {events.AHEAD}", ahead_of=expires_at)
+    user = attempt.take_turn()
+    if not attempt.holds_turn or attempt.is_fresh(user):
+        db.session.commit()  # another request refreshes it, or did already: nothing to do
+        return
+    attempt.check(user)
+    reply = attempt.ask(user)
+    if reply is not None:
+        attempt.store(user, reply)
 
 
 def viewer_token(user: User, trigger: str) -> ViewerToken:
@@ -181,6 +232,7 @@ class Attempt:
     waited: bool = False  # for another request's refresh
     lock_wait: float = 0.0  # seconds
     provider_ms: float | None = None
+    ahead_of: datetime | None = None  # a refresh ahead of expiry: the access token's expiry it replaces
 
     @property
     def scope(self) -> str | None:
@@ -190,7 +242,7 @@ class Attempt:
         """Take the person's refresh turn and read them: locked when the turn is ours, unlocked after another's."""
         asked = time.monotonic()
         try:
-            self.holds_turn = locking.current().take_turn(self.user_id)
+            self.holds_turn = locking.current().take_turn(self.user_id, wait=self.ahead_of is None)
             waited_for = time.monotonic() - asked
             self.lock_wait += waited_for
             if not self.holds_turn:
@@ -206,6 +258,8 @@ class Attempt:
 
     def is_fresh(self, user: User) -> bool:
         expires_at = user.access_expires_at if self.kind == "access" else user.viewer_expires_at
+        if self.ahead_of is not None:
+            return expires_at != self.ahead_of  # replaced since the request saw it, or gone with a sign-out
         return not is_stale(expires_at) and (self.rejected is None or user.access_token != self.rejected)
 
     def check(self, user: User) -> None:

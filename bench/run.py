@@ -1,11 +1,13 @@
 """Run the benchmarks and print the README's Performance tables.
 
-    .venv/bin/python bench/run.py            # the full run (about 15 minutes on 2 cores)
+    .venv/bin/python bench/run.py            # the full run (about 35 minutes on 2 cores, 20 of them bench/ahead.py)
     .venv/bin/python bench/run.py --quick    # short runs, for trying changes
     .venv/bin/python bench/run.py --only hook,profile
     .venv/bin/python bench/run.py --patch bench/patches/waiters-wait-side-by-side.diff --only expiry
     .venv/bin/python bench/run.py --only soak       # the fault soak (bench/soak.py), not part of the default run
     .venv/bin/python bench/run.py --only peers,peers-refresh   # ours beside the peers of bench/peers/
+    .venv/bin/python bench/run.py --only pooler     # 4 instances directly and through PgBouncer (bench/pooler.py)
+    .venv/bin/python bench/run.py --only ahead      # latency at each expiry, refreshing ahead or in line (bench/ahead.py)
 
 Needs PostgreSQL at postgresql://postgres@127.0.0.1:5432/postgres (BENCH_POSTGRES_ADMIN) to create
 and drop its own databases, wrk (Debian package) and pyinstrument (requirements-dev.txt). Raw
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from common import RESULTS, ROOT, machine, median, patched_tree, postgres_database, wait_for_load, workdir
 
-ALL = ("hook", "profile", "expiry", "people", "people-slow", "storage", "peers", "peers-refresh")
+ALL = ("hook", "profile", "expiry", "pooler", "people", "people-slow", "storage", "peers", "peers-refresh", "ahead")
 # Run only when asked for by --only: the soak takes 6 minutes (quick: 1.5) and starts its own PostgreSQL as root.
 EXTRA = ("soak",)
 # The stand-in's answer to a refresh is delayed this long in "people-slow", like a provider across a network.
@@ -101,6 +103,10 @@ def run_one(name: str, folder, quick: bool, compare: list[str]):
 
         with postgres_database("bench_expiry") as url:
             return expiry.run(folder, url, quick)
+    if name == "pooler":
+        import pooler
+
+        return pooler.run(folder / "pooler", quick)
     if name == "peers":
         import peers_compare
 
@@ -117,6 +123,10 @@ def run_one(name: str, folder, quick: bool, compare: list[str]):
         import people
 
         return [people.run(kind, folder, quick, provider_delay=PROVIDER_DELAY) for kind in ("postgresql", "sqlite")]
+    if name == "ahead":
+        import ahead
+
+        return [ahead.run(kind, folder, quick) for kind in ("sqlite", "postgresql")]
     if name == "soak":
         import soak
 
@@ -160,7 +170,7 @@ PEER_NAMES = {
     "P2": "P2 Flask-Login `request_loader` + session row",
 }
 PEER_SHORT_NAMES = {"ours": "ours", "P1": "P1 (`user_loader`, signed cookie)", "P2": "P2 (`request_loader`, session row)"}
-# Issue 16's targets: ours against the faster peer, and against bare /healthz per database.
+# The targets: ours against the faster peer, and against bare /healthz per database.
 PEER_TARGET = 1.5
 HEALTHZ_TARGET = {"sqlite": 0.45, "postgresql": 0.35}
 DATABASE_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
@@ -226,6 +236,23 @@ def peers_refresh_table(results: list[dict]) -> list[str]:
             f"| {PEER_SHORT_NAMES[x['server']]} | {', '.join(map(str, x['refreshes_per_expiry']))} | "
             f"{', '.join(map(str, x['failed_per_expiry']))} ({failed} of {x['requests']}{statuses}) | "
             f"{', '.join(map(str, x['rejected_per_expiry']))} | {x['grant_revoked']} of {x['expiries']} | "
+            f"{fmt(x['client_latency_ms_p50'])} / {fmt(x['client_latency_ms_p99'])} ms |"
+        )
+    return [*out, ""]
+
+
+def pooler_table(runs: list[dict]) -> list[str]:
+    """The many-instances run directly beside the same run through PgBouncer."""
+    out = [
+        f"**Connection pooler** ({runs[0]['setup']}, {runs[0]['expiries']} expiries; PgBouncer 1.18, transaction mode, default_pool_size 10)",
+        "",
+        "| PostgreSQL reached | server connections, max (median) | refreshes per expiry | failed requests | rejected at the provider | latency p50 / p99 |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for x in runs:
+        out.append(
+            f"| {'through PgBouncer' if x['through'] == 'pgbouncer' else 'directly'} | {x['server_connections_max']} ({fmt(x['server_connections_median'])}) | "
+            f"{', '.join(map(str, x['refreshes_per_expiry']))} | {x['failed_requests']} of {x['requests']} | {x['refresh_rejected_at_provider']} | "
             f"{fmt(x['client_latency_ms_p50'])} / {fmt(x['client_latency_ms_p99'])} ms |"
         )
     return [*out, ""]
@@ -301,6 +328,8 @@ def markdown(r: dict) -> str:
             f"| client latency of all requests, p50 / p99 | {fmt(e['client_latency_ms_p50'])} / {fmt(e['client_latency_ms_p99'])} ms | |",
             "",
         ]
+    if "pooler" in r:
+        out += pooler_table(r["pooler"])
     if "peers" in r:
         out += peers_table(r["peers"])
     if "peers-refresh" in r:
@@ -327,6 +356,10 @@ def markdown(r: dict) -> str:
             f"Largest / smallest: {s['lookup_ratio_large_to_small_p50']:.2f}x in the app, {s['in_database_ratio_large_to_small_p50']:.2f}x in the database.",
             "",
         ]
+    if "ahead" in r:
+        import ahead
+
+        out += ahead.table(r["ahead"])
     if "soak" in r:
         import soak
 

@@ -13,7 +13,8 @@ python deploy/wait_for_db.py
 flask --app app db upgrade
 
 # gthread: requests mostly wait on the database and the provider, so threads are cheap concurrency.
-# gunicorn.conf.py: the access-log format (escaped paths) and no trust in X-Forwarded-* (ProxyFix decides).
+# gunicorn.conf.py: the access-log format (escaped paths), no trust in X-Forwarded-* (ProxyFix decides), and
+# a graceful stop longer than a refresh may take.
 # GUNICORN_CMD_ARGS (read by gunicorn itself) adds any other option.
 exec gunicorn \
   --config gunicorn.conf.py \
@@ -22,7 +23,6 @@ exec gunicorn \
   --workers "${GUNICORN_WORKERS:-2}" \
   --threads "${GUNICORN_THREADS:-4}" \
   --timeout "${GUNICORN_TIMEOUT:-30}" \
-  --graceful-timeout "${GUNICORN_GRACEFUL_TIMEOUT:-20}" \
   --worker-tmp-dir "${GUNICORN_WORKER_TMP_DIR:-/dev/shm}" \
   --no-control-socket \
   --access-logfile - \

@@ -13,6 +13,7 @@ a small APS Data Management API (standin/data.py) for the tokens it issues.
 import base64
 import binascii
 import hashlib
+import os
 import time
 import unicodedata
 from collections.abc import Mapping
@@ -182,6 +183,8 @@ def token():
     if grant_type == "authorization_code":
         body = _code_grant(store, cfg, client_id)
     elif grant_type == "refresh_token":
+        # Like a provider across a network (APS: 100-500 ms): STANDIN_REFRESH_DELAY_MS.
+        time.sleep(cfg.get("refresh_delay_ms", int(os.environ.get("STANDIN_REFRESH_DELAY_MS") or 0)) / 1000)
         body = _refresh_grant(store, cfg, client_id)
     else:
         raise OAuthError("unsupported_grant_type", f"grant_type {grant_type!r} is not supported")

@@ -123,7 +123,7 @@
     var rows = events.map(function (e) {
       var tr = document.createElement("tr");
       var waited = e.waiters ? e.waiters + (e.waiters === 1 ? " request" : " requests") : "–";
-      [clock(at(-e.ago)), e.kind, e.outcome, e.trigger, waited, e.duration_ms + " ms"].forEach(function (text, i) {
+      [clock(at(-e.ago)), e.kind, e.outcome + (e.ahead ? " ahead of expiry" : ""), e.trigger, waited, e.duration_ms + " ms"].forEach(function (text, i) {
         var td = document.createElement("td");
         if (i === 3) {
           td.append(window.PageFormat.breakable(text));

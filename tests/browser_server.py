@@ -30,7 +30,8 @@ class LiveServer:
         self.folder = Path(folder)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        timing = {"STANDIN_ACCESS_TOKEN_TTL": str(ACCESS_TTL), "TOKEN_REFRESH_LEEWAY": str(LEEWAY)}
+        # The pages show (and the tests count) the refresh a request makes at the leeway: none runs ahead of it.
+        timing = {"STANDIN_ACCESS_TOKEN_TTL": str(ACCESS_TTL), "TOKEN_REFRESH_LEEWAY": str(LEEWAY), "TOKEN_REFRESH_AHEAD": "0"}
         self.env = server_env(self.folder, f"sqlite:///{self.folder / 'app.sqlite'}", f"{self.url}/standin", **(timing | settings))
         self.server = Gunicorn(self.env, self.port, self.folder / "gunicorn.log", workers=2)
 

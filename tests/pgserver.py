@@ -47,6 +47,11 @@ class PostgresServer:
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"), "-w", "start")
         return self
 
+    @property
+    def running(self) -> bool:
+        prefix = ["runuser", "-u", self.user, "--"] if self.user else []
+        return subprocess.run([*prefix, _bin("pg_ctl"), "-D", str(self.data), "status"], capture_output=True, timeout=30).returncode == 0
+
     def stop(self) -> None:
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 

@@ -36,6 +36,8 @@ def server_env(tmp_path: Path, database_url: str, issuer: str, **extra: str) -> 
             "OAUTH_ISSUER": issuer,
             "SESSION_COOKIE_SECURE": "false",
             "STANDIN_STRICT": "true",
+            # Short-lived test tokens would otherwise be refreshed ahead between a test's counts; test_refresh_ahead turns it on.
+            "TOKEN_REFRESH_AHEAD": "0",
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -75,7 +77,7 @@ class Gunicorn:
                     return self
             except requests.RequestException:
                 pass  # not listening yet, or workers still booting
-            time.sleep(0.2)
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"gunicorn did not become healthy: {self.log_path.read_text()[-2000:]}")
 

@@ -190,7 +190,7 @@ def _app_db(server, sql: str, *params) -> None:
 
     with sqlite3.connect(server.folder / "app.sqlite") as conn:
         if "cookie_expires_at" in sql and "cookie_expires_at" not in {row[1] for row in conn.execute("PRAGMA table_info(user_sessions)")}:
-            return  # a schema from before the sliding cookie: nothing to rewrite
+            return  # a schema without the sliding cookie: nothing to rewrite
         conn.execute(sql, params)
 
 

@@ -121,6 +121,26 @@ def test_compose_stack_is_wired_as_documented(tmp_path):
     assert purge["profiles"] == ["housekeeping"] and purge["command"] == ["flask", "--app", "app", "purge"]
 
 
+def test_compose_probes_readiness_and_waits_out_the_graceful_stop(tmp_path):
+    """Healthy means /readyz; docker stop waits longer than gunicorn's graceful stop, itself longer than a refresh."""
+    services = json.loads(compose(made_env(tmp_path), "config", "--format", "json").stdout)["services"]
+    app = services["app"]
+    assert "/readyz" in " ".join(app["healthcheck"]["test"])
+    graceful = subprocess.run(
+        [sys.executable, "-c", "import runpy; print(runpy.run_path('gunicorn.conf.py')['graceful_timeout'])"], cwd=ROOT, capture_output=True, text=True
+    )
+    grace = sum(int(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in re.findall(r"(\d+)([hms])", app["stop_grace_period"]))  # as "1m10s"
+    assert grace > int(graceful.stdout) > 30 + 10 + 10  # the refresh's budget, by default
+
+
+def test_compose_file_names_the_compose_version_it_needs():
+    """env_file with path/required came in Compose 2.24.0; CI's Compose must be at least that."""
+    assert "Docker Compose 2.24.0 or newer" in (ROOT / "docker-compose.yml").read_text()
+    assert "Compose 2.24.0" in (ROOT / "docs" / "deploy.md").read_text()
+    version = subprocess.run([*compose_command(), "version", "--short"], capture_output=True, text=True, check=True).stdout.strip().lstrip("v")
+    assert tuple(int(part) for part in version.split(".")[:2]) >= (2, 24), version
+
+
 def test_nginx_routes_the_standin_path_and_sets_the_forwarded_headers():
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     assert re.search(r"server app:8000 resolve;", conf)
@@ -404,13 +424,16 @@ def test_compose_standin_service_command_serves_its_discovery_document(image_ven
 # --- The compose topology on this machine: nginx in front of two replicas and the stand-in service -------
 
 
-def nginx_config(tmp_path: Path, listen: int, apps: list[int], standin_port: int) -> Path:
-    """deploy/nginx.conf with Docker's DNS names replaced by loopback ports (Debian's nginx has no `resolve`)."""
-    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+def nginx_config(tmp_path: Path, listen: int, apps: list[int], standin_port: int, site: str = "nginx.conf", **replace: str) -> Path:
+    """deploy/nginx.conf (or another site) with Docker's DNS names replaced by loopback ports (Debian's nginx has no `resolve`)."""
+    conf = (ROOT / "deploy" / site).read_text()
     conf = re.sub(r"^resolver .*;$", "", conf, flags=re.MULTILINE)
     conf = conf.replace("server app:8000 resolve;", " ".join(f"server 127.0.0.1:{port};" for port in apps))
     conf = conf.replace("server standin:8000 resolve;", f"server 127.0.0.1:{standin_port};")
     conf = conf.replace("listen 80;", f"listen 127.0.0.1:{listen};")
+    for old, new in replace.items():
+        assert old in conf, old
+        conf = conf.replace(old, new)
     assert "app:8000" not in conf and "standin:8000" not in conf
     (tmp_path / "site.conf").write_text(conf)
     main = tmp_path / "nginx.conf"
@@ -489,6 +512,93 @@ def test_sign_in_through_nginx_with_two_replicas_and_a_separate_standin(tmp_path
         for server in reversed(started):
             server.stop()
     served = [(tmp_path / f"app-{port}.log").read_text().count("/api/profile") for port in app_ports]
+    assert all(served), served
+
+
+def self_signed_certificate(folder: Path) -> Path:
+    """Write fullchain.pem and privkey.pem for 127.0.0.1 into folder, as TLS_CERT_DIR holds them."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+        + ["-keyout", folder / "privkey.pem", "-out", folder / "fullchain.pem"],
+        check=True,
+        capture_output=True,
+    )
+    return folder / "fullchain.pem"
+
+
+def test_tls_override_publishes_443_and_mounts_the_certificate(tmp_path):
+    """deploy/compose.tls.yml added to the stack: nginx gets the TLS site, the certificate folder and port 443."""
+    env_file = made_env(tmp_path)
+    with env_file.open("a") as env:
+        env.write(f"TLS_CERT_DIR={tmp_path}\n")
+    done = compose(env_file, "-f", str(ROOT / "deploy" / "compose.tls.yml"), "config", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    proxy = services["proxy"]
+    assert {(p["published"], p["target"]) for p in proxy["ports"]} == {("8080", 80), ("443", 443)}  # 80 stays, to redirect
+    mounts = {v["target"]: v["source"] for v in proxy["volumes"]}
+    assert mounts == {"/etc/nginx/conf.d/default.conf": str(ROOT / "deploy" / "nginx-tls.conf"), "/etc/nginx/certs": str(tmp_path)}
+    assert services["app"]["environment"]["SESSION_COOKIE_SECURE"] == "true"
+    (tmp_path / "other").mkdir()
+    missing = compose(made_env(tmp_path / "other"), "-f", str(ROOT / "deploy" / "compose.tls.yml"), "config", "--quiet")
+    assert missing.returncode != 0 and "TLS_CERT_DIR is not set" in missing.stderr
+
+
+@pytest.mark.slow
+def test_tls_recipe_with_nginx_in_front_of_two_instances(tmp_path, pg_database, monkeypatch):
+    """deploy/nginx-tls.conf with a self-signed certificate: https signs in with Secure cookies and HSTS, http redirects."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    from servers import Gunicorn, migrate, server_env
+
+    http_port, https_port, app_ports = free_port(), free_port(), [free_port(), free_port()]
+    public = f"https://127.0.0.1:{https_port}"
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(self_signed_certificate(tmp_path)))  # the browser trusts this certificate
+    with psycopg.connect(pg_database.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    # The embedded stand-in at the public https issuer; cookies Secure, as in production.
+    env = server_env(tmp_path, pg_database, f"{public}/standin", TRUSTED_PROXY_COUNT="1", SESSION_COOKIE_SECURE="true")
+    migrate(env)
+    conf = nginx_config(
+        tmp_path,
+        http_port,
+        app_ports,
+        free_port(),
+        site="nginx-tls.conf",
+        # Each instance embeds the stand-in here, so its path goes to the instances too.
+        **{
+            "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;",
+            "/etc/nginx/certs/": f"{tmp_path}/",
+            "proxy_pass http://standin;": "proxy_pass http://app;",
+        },
+    )
+    started: list = []
+    try:
+        logged = env | {"GUNICORN_CMD_ARGS": "--access-logfile -"}
+        started += [Gunicorn(logged, port, tmp_path / f"app-{port}.log", workers=1).start() for port in app_ports]
+        proxy = Started([nginx, "-c", conf], env, tmp_path / "nginx.log")
+        started.append(proxy)
+        proxy.wait_until(f"{public}/healthz")
+
+        plain = requests.get(f"http://127.0.0.1:{http_port}/auth/login?next=/sessions", allow_redirects=False, timeout=10)
+        assert plain.status_code == 301 and plain.headers["Location"] == "https://127.0.0.1/auth/login?next=/sessions"
+
+        login = requests.get(f"{public}/auth/login", allow_redirects=False, timeout=10)
+        assert parse_qs(urlsplit(login.headers["Location"]).query)["redirect_uri"] == [f"{public}/auth/callback"]
+        cookie = login.headers["Set-Cookie"]
+        assert cookie.startswith("__Host-signin=") and "; Secure" in cookie
+        browser = http_sign_in(public, "Mary Jackson")
+        assert "__Host-session" in browser.cookies and all(c.secure for c in browser.cookies)
+        for _ in range(4):  # round robin over both instances
+            reply = browser.get(f"{public}/api/session", timeout=30)
+            assert reply.json()["user"]["name"] == "Mary Jackson"
+            assert reply.headers["Strict-Transport-Security"] == "max-age=31536000; includeSubDomains"
+    finally:
+        for server in reversed(started):
+            server.stop()
+    served = [(tmp_path / f"app-{port}.log").read_text().count("/api/session") for port in app_ports]
     assert all(served), served
 
 

@@ -11,9 +11,22 @@ from flask_migrate import downgrade, migrate, upgrade
 from sqlalchemy import inspect, text
 
 from app import MIGRATIONS, create_app
-from conftest import close_databases, make_config
+from conftest import close_databases, make_config, migrate_fresh
 from models import db
 from servers import BIN, ROOT, server_env
+
+
+@pytest.fixture
+def database_url(empty_database_url):
+    """Start from a database with no schema: these tests run the migrations themselves."""
+    return empty_database_url
+
+
+@pytest.fixture
+def app(app_factory):
+    app = app_factory()
+    migrate_fresh(app)
+    return app
 
 
 def drift(app) -> list:
@@ -87,14 +100,11 @@ def test_autogenerate_writes_the_decorators_as_database_types(app, tmp_path):
 
 
 @pytest.mark.slow
-def test_replicas_migrating_together_all_succeed(tmp_path, pg_database):
+@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+def test_replicas_migrating_together_all_succeed(tmp_path, empty_database_url):
     """Three `flask db upgrade` at once on one empty PostgreSQL database: one migrates, the others wait."""
-    app = create_app(make_config(tmp_path, pg_database))
-    with app.app_context():
-        with db.engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        db.engine.dispose()
-    env = server_env(tmp_path, pg_database, "http://127.0.0.1:9/standin")
+    app = create_app(make_config(tmp_path, empty_database_url))
+    env = server_env(tmp_path, empty_database_url, "http://127.0.0.1:9/standin")
     results: list[subprocess.CompletedProcess] = []
     barrier = threading.Barrier(3)
 

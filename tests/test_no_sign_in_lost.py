@@ -1,6 +1,7 @@
 """No sign-in lost: the cookie slides, rotations are stored durably, sign-out cannot wipe a new sign-in,
 no orphan sessions, lost replies are found, dead grants resume silently, the database may restart."""
 
+import contextlib
 import random
 import re
 import threading
@@ -16,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from app import create_app
 from conftest import close_databases, expire_access_token, make_config, migrate_fresh, sign_in, stored_user
 from models import RefreshEvent, User, UserSession, db, utcnow
+from pgbouncer import ON_POSTGRESQL, PgBouncer, pgbouncer_app_factory, pgbouncer_server  # noqa: F401 (fixtures used by name)
 from standin.store import refresh_tokens
 
 
@@ -187,7 +189,16 @@ def _race(leaving, arriving, callback: str, delay: float) -> None:
 
 
 def test_sign_out_racing_a_sign_in_elsewhere_never_wipes_the_new_sign_in(app_factory):
-    app = app_factory(SIGNIN_RATE_LIMIT="off")
+    _sign_out_races_a_sign_in_elsewhere(app_factory(SIGNIN_RATE_LIMIT="off"))
+
+
+@ON_POSTGRESQL
+def test_sign_out_racing_a_sign_in_elsewhere_through_pgbouncer(pgbouncer_app_factory):  # noqa: F811 (the fixture)
+    """The same race when each transaction may run on another server connection of a transaction-mode pooler."""
+    _sign_out_races_a_sign_in_elsewhere(pgbouncer_app_factory(SIGNIN_RATE_LIMIT="off"))
+
+
+def _sign_out_races_a_sign_in_elsewhere(app) -> None:
     standin = app.extensions["standin"].extensions["standin_store"]
     leaving = app.test_client()
     sign_in(leaving)
@@ -208,19 +219,20 @@ def test_sign_in_elsewhere_during_a_refresh_keeps_the_first_device_signed_in(app
     expire_access_token(app)
     back = urlsplit(_callback_url(b))
     provider = app.extensions["provider"]
-    exchanged = threading.Event()
+    exchanged, answered = threading.Event(), threading.Event()
     userinfo = provider.userinfo
 
-    def slow_userinfo(token):
+    def held_userinfo(token):
         exchanged.set()
-        time.sleep(0.5)  # B holds the new grant but has not stored it yet
+        answered.wait(10)  # B holds the new grant but has not stored it until A has its reply
         return userinfo(token)
 
-    monkeypatch.setattr(provider, "userinfo", slow_userinfo)
+    monkeypatch.setattr(provider, "userinfo", held_userinfo)
     arriving = threading.Thread(target=lambda: b.get(back.path, query_string=back.query))
     arriving.start()
     assert exchanged.wait(10)
     reply = a.get("/api/session")  # A's token is due: it refreshes with the token B's exchange revoked
+    answered.set()
     arriving.join(10)
     assert reply.status_code == 200
     assert a.get("/api/session").status_code == 200 and b.get("/api/session").status_code == 200
@@ -290,6 +302,16 @@ def _kill_grant_at_provider(app, standin) -> None:
 
 
 def test_dead_grant_resumes_silently_on_the_same_page(app, client, standin):
+    _dead_grant_resumes_silently(app, client, standin)
+
+
+@ON_POSTGRESQL
+def test_dead_grant_resumes_silently_through_pgbouncer(pgbouncer_app_factory, standin_for):  # noqa: F811 (the fixture)
+    app = pgbouncer_app_factory()
+    _dead_grant_resumes_silently(app, app.test_client(), standin_for(app))
+
+
+def _dead_grant_resumes_silently(app, client, standin) -> None:
     sign_in(client)
     _kill_grant_at_provider(app, standin)
     final, visited = _follow(client, client.get("/session?tab=2"))
@@ -386,17 +408,26 @@ def test_silent_sign_in_can_be_turned_off(app_factory):
 # 7. The database restarts.
 
 
-@pytest.fixture
-def own_postgres():
-    from pgserver import PostgresServer
+@contextlib.contextmanager
+def reached(server, through: str):
+    """The URL of the test's own PostgreSQL, directly or through a PgBouncer in front of it."""
+    if through == "postgresql":
+        yield server.url
+        return
+    pooler = PgBouncer(upstream=f"127.0.0.1:{server.port}").start()
+    try:
+        yield pooler.url_for(server.url)
+    finally:
+        pooler.stop()
 
-    server = PostgresServer().start()
-    yield server
-    server.destroy()
+
+@pytest.mark.parametrize("through", ["postgresql", "pgbouncer"])
+def test_database_restart_is_not_a_500_and_keeps_the_sign_in(own_postgres, tmp_path, through):
+    with reached(own_postgres, through) as url:
+        _restart_keeps_the_sign_in(own_postgres, create_app(make_config(tmp_path, url)))
 
 
-def test_database_restart_is_not_a_500_and_keeps_the_sign_in(own_postgres, tmp_path):
-    app = create_app(make_config(tmp_path, own_postgres.url))
+def _restart_keeps_the_sign_in(own_postgres, app) -> None:
     migrate_fresh(app)
     client = app.test_client()
     sign_in(client)

@@ -4,12 +4,15 @@ import os
 import signal
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
+from sqlalchemy import NullPool, create_engine, update
 
-from servers import Gunicorn, burst, free_port, http_sign_in, migrate, server_env
+from models import User
+from pgbouncer import EVERY_DATABASE, POSTGRESQL_AND_PGBOUNCER, pgbouncer_server, pooler  # noqa: F401 (fixtures used by name)
+from servers import Gunicorn, burst, free_port, http_sign_in, server_env
 from standin.store import Store
 
 pytestmark = pytest.mark.slow
@@ -19,21 +22,23 @@ LEEWAY = 60
 TTL = 65
 
 
-def wait_for_expiry(browser: requests.Session, base_url: str) -> None:
-    """Sleep until the person's access token enters the leeway, i.e. the next request must refresh."""
-    expires = datetime.fromisoformat(browser.get(f"{base_url}/api/session", timeout=30).json()["access_token_expires_at"])
-    time.sleep(max(0.0, expires.timestamp() - LEEWAY - time.time()) + 0.3)
+def make_due(database_url: str) -> None:
+    """Move the person's access token into the leeway in the database, i.e. the next request must refresh."""
+    engine = create_engine(database_url, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.execute(update(User).values(access_expires_at=datetime.now(UTC) + timedelta(seconds=LEEWAY - 1)))
+    engine.dispose()
 
 
 @pytest.fixture
-def instance(tmp_path, database_url):
-    """Start app instances on this test's database, all sharing one stand-in provider."""
+def instance(tmp_path, database_url, pooler):  # noqa: F811 (the pooler fixture, imported above)
+    """Start app instances on this test's database (through PgBouncer for the pooler's variant), sharing one stand-in provider."""
     started: list[Gunicorn] = []
     issuer_port = free_port()
+    direct_url = database_url
+    if pooler is not None:
+        database_url = pooler.url_for(database_url)
     env = server_env(tmp_path, database_url, f"http://127.0.0.1:{issuer_port}/standin", STANDIN_ACCESS_TOKEN_TTL=str(TTL), TOKEN_REFRESH_LEEWAY=str(LEEWAY))
-    if database_url.startswith("postgresql"):
-        reset_postgres(database_url)
-    migrate(env)
 
     def start(port: int | None = None, workers: int = 3, **extra: str) -> Gunicorn:
         port = port or (issuer_port if not started else free_port())
@@ -42,26 +47,20 @@ def instance(tmp_path, database_url):
         return server
 
     start.store = Store(env["STANDIN_DATABASE_URL"])
+    start.make_due = lambda: make_due(direct_url)
     yield start
     for server in started:
         server.stop()
 
 
-def reset_postgres(url: str) -> None:
-    import psycopg
-
-    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-
-
-def test_gunicorn_workers_refresh_once_per_expiry(instance):
-    """3 workers x 4 threads, 50 concurrent requests at each of 5 expiries: no failure, one refresh each."""
+@EVERY_DATABASE
+def test_gunicorn_workers_refresh_once_per_expiry(instance, pooler):  # noqa: F811 (the fixture)
+    """3 workers x 4 threads, 50 concurrent requests at each of 5 expiries (3 through the pooler): no failure, one refresh each."""
     server = instance()
     store = instance.store
     browser = http_sign_in(server.url)
-    for _ in range(5):
-        wait_for_expiry(browser, server.url)
+    for _ in range(3 if pooler else 5):
+        instance.make_due()
         before = store.count("refresh")
         statuses = burst(browser, [f"{server.url}/api/profile", f"{server.url}/"])
         assert statuses == [200] * 50
@@ -69,7 +68,7 @@ def test_gunicorn_workers_refresh_once_per_expiry(instance):
     assert store.count("refresh_rejected") == 0
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # instances on several machines share PostgreSQL
+@POSTGRESQL_AND_PGBOUNCER  # instances on several machines share PostgreSQL
 def test_two_instances_share_one_refresh_per_expiry(instance):
     """Two gunicorn instances on two ports share one database, like machines behind a balancer."""
     first = instance(workers=2)
@@ -77,7 +76,7 @@ def test_two_instances_share_one_refresh_per_expiry(instance):
     store = instance.store
     browser = http_sign_in(first.url)
     for _ in range(3):
-        wait_for_expiry(browser, first.url)
+        instance.make_due()
         before = store.count("refresh")
         urls = [f"{first.url}/api/profile", f"{second.url}/api/profile", f"{second.url}/"]
         assert burst(browser, urls) == [200] * 50
@@ -90,7 +89,7 @@ def test_worker_killed_while_holding_the_lock(instance):
     server = instance(PROVIDER_TIMEOUT="20")
     store = instance.store
     browser = http_sign_in(server.url)
-    wait_for_expiry(browser, server.url)
+    instance.make_due()
     store.inject("timeout", delay=8)  # the provider hangs inside the refresh, after the lock is taken
     before = store.count("refresh")
 
@@ -121,11 +120,80 @@ def test_worker_killed_while_holding_the_lock(instance):
     assert store.count("refresh_rejected") == 0
 
 
+@EVERY_DATABASE
 def test_restart_between_requests_keeps_person_signed_in(instance):
     server = instance()
     browser = http_sign_in(server.url)
     server.stop()
     restarted = instance(port=server.port)
     assert browser.get(f"{restarted.url}/api/session", timeout=30).json()["user"]["name"] == "Ada Lovelace"
-    wait_for_expiry(browser, restarted.url)
+    instance.make_due()
     assert browser.get(f"{restarted.url}/api/profile", timeout=30).status_code == 200
+
+
+# --- Stops: what an orchestrator does to an instance while a refresh's reply is on its way ----------------
+
+
+def hold_a_refresh(instance, server: Gunicorn, browser: requests.Session, seconds: float) -> tuple[threading.Thread, list]:
+    """Make the person's token due and start a request whose refresh waits seconds at the provider; return once it waits."""
+    store = instance.store
+    instance.make_due()
+    store.inject("timeout", delay=seconds)  # slow, then the provider rotates and answers
+    answers: list[int | str] = []
+    holder = threading.Thread(target=lambda: answers.extend(burst(browser, [f"{server.url}/api/profile"], count=1)))
+    holder.start()
+    deadline = time.monotonic() + 20
+    while not store.fault_takers():
+        assert time.monotonic() < deadline, "the refresh never reached the provider"
+        time.sleep(0.05)
+    return holder, answers
+
+
+@POSTGRESQL_AND_PGBOUNCER
+def test_sigterm_lets_a_refresh_in_flight_store_its_rotation_and_turns_readiness_off(instance):
+    """docker stop / Kubernetes: SIGTERM, /readyz answers 503 at once, the held refresh finishes and is stored."""
+    server = instance(workers=1)
+    store = instance.store
+    browser = http_sign_in(server.url)
+    before = store.count("refresh")
+    holder, answers = hold_a_refresh(instance, server, browser, seconds=4)
+    probe = requests.Session()  # a balancer's kept-alive connection to this instance
+    assert probe.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+    server.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 2  # gunicorn answers on a kept-alive connection for 2 s after the stop begins
+    while (ready := probe.get(f"{server.url}/readyz", timeout=10)).status_code == 200:
+        assert time.monotonic() < deadline, "readiness stayed on during the graceful stop"
+        time.sleep(0.05)
+    assert ready.status_code == 503 and ready.json()["reason"] == "shutting_down"
+    holder.join()
+    assert answers == [200]  # the request in flight was served in full
+    assert server.process.wait(timeout=60) == 0
+    assert store.count("refresh") - before == 1
+
+    restarted = instance(port=server.port, workers=1)
+    assert browser.get(f"{restarted.url}/api/profile", timeout=30).status_code == 200
+    # The rotated token is the one in use: the strict provider saw no replay of the one before it (a
+    # restart slower than the token's 5 fresh seconds refreshes again, with the stored token).
+    assert store.count("refresh_rejected") == 0
+
+
+@POSTGRESQL_AND_PGBOUNCER
+def test_sigkill_of_the_instance_during_a_held_refresh_recovers_at_restart(instance):
+    """A host lost or an OOM kill: every process of the instance dies mid-refresh; the restart refreshes once, nobody signs in again."""
+    server = instance(workers=1)
+    store = instance.store
+    browser = http_sign_in(server.url)
+    before = store.count("refresh")
+    holder, answers = hold_a_refresh(instance, server, browser, seconds=8)
+
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    holder.join()
+    assert answers != [200]
+
+    restarted = instance(port=server.port, workers=1)
+    assert browser.get(f"{restarted.url}/api/profile", timeout=30).status_code == 200
+    # The embedded provider died with the instance before it rotated: the kept token was still good.
+    assert store.count("refresh") - before == 1
+    assert store.count("refresh_rejected") == 0

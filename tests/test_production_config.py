@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -61,6 +62,12 @@ def test_production_starts_with_secure_cookies(production):
         ({"OAUTH_REDIRECT_URI": "http://signin.example/auth/callback"}, "OAUTH_REDIRECT_URI must use https in production"),
         ({"OAUTH_ISSUER": "http://developer.api.autodesk.com"}, "OAUTH_ISSUER must use https in production"),
         ({"OAUTH_USERINFO_URL": "http://api.userprofile.autodesk.com/userinfo"}, "OAUTH_USERINFO_URL must use https in production"),
+        # deploy/make_env.py's demo lines left in .env beside the APS_* names the checklist asks for.
+        ({"OAUTH_CLIENT_ID": "standin-client"}, "OAUTH_CLIENT_ID is the stand-in's 'standin-client'; production needs"),
+        ({"OAUTH_CLIENT_SECRET": "standin-secret"}, "OAUTH_CLIENT_SECRET is the stand-in's 'standin-secret'; production needs"),
+        ({"APS_CLIENT_ID": "real-aps-client"}, "OAUTH_CLIENT_ID and APS_CLIENT_ID name one setting but differ; set only one of them."),
+        ({"APS_CLIENT_SECRET": "real-aps-secret"}, "OAUTH_CLIENT_SECRET and APS_CLIENT_SECRET name one setting but differ"),
+        ({"APS_CALLBACK_URL": "https://other.example/auth/callback"}, "OAUTH_REDIRECT_URI and APS_CALLBACK_URL name one setting but differ"),
     ],
 )
 def test_production_refuses_unsafe_settings_with_one_sentence(production, change, sentence):
@@ -100,6 +107,40 @@ def test_gunicorn_without_secrets_exits_at_once_with_the_sentence(production, mi
     assert done.stderr.count(f"Configuration error: {missing} must be set in production.") == 1, done.stderr
     assert "Booting worker" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_aps_names_alone_reach_the_provider(production):
+    """The checklist's APS_CLIENT_ID / APS_CLIENT_SECRET / APS_CALLBACK_URL are what production sends to Autodesk."""
+    for name in ("OAUTH_CLIENT_ID", "OAUTH_CLIENT_SECRET", "OAUTH_REDIRECT_URI"):
+        production.delenv(name)
+    production.setenv("APS_CLIENT_ID", "real-aps-client")
+    production.setenv("APS_CLIENT_SECRET", "real-aps-secret")
+    production.setenv("APS_CALLBACK_URL", "https://signin.example/auth/callback")
+    production.setenv("OAUTH_CLIENT_SECRET", "real-aps-secret")  # the same value under both names is one setting
+    app = create_app()
+    authorize = parse_qs(urlsplit(app.test_client().get("/auth/login", base_url="https://signin.example").headers["Location"]).query)
+    assert authorize["client_id"] == ["real-aps-client"]
+    assert authorize["redirect_uri"] == ["https://signin.example/auth/callback"]
+    assert app.extensions["provider"].client_secret == "real-aps-secret"
+
+
+def test_gunicorn_refuses_a_graceful_stop_shorter_than_a_refresh(production):
+    """A stop that kills a worker while a refresh's reply is on its way loses that rotation: refused in production (the demo stops in 3 s)."""
+    command = [BIN / "gunicorn", "--bind", f"127.0.0.1:{free_port()}", "--graceful-timeout", "20", "app:create_app()"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    assert "Configuration error: gunicorn's graceful timeout (20 s) must be longer than a refresh may take (50 s:" in done.stderr, done.stderr
+    assert "Booting worker" not in done.stderr
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, 55), ({"PROVIDER_REFRESH_TIMEOUT": "120"}, 145)])
+def test_graceful_stop_follows_the_refresh_timeout_wherever_gunicorn_reads_its_settings(env, expected):
+    """The entrypoint, the demo and the tests all read gunicorn.conf.py, so each gets the same graceful timeout."""
+    probe = "import runpy; print(runpy.run_path('gunicorn.conf.py')['graceful_timeout'])"
+    done = subprocess.run([BIN / "python", "-c", probe], cwd=ROOT, env=dict(os.environ) | env, capture_output=True, text=True, check=True)
+    assert int(done.stdout) == expected
+    entrypoint = (ROOT / "deploy" / "entrypoint.sh").read_text()
+    assert "--graceful-timeout" not in entrypoint and "--config gunicorn.conf.py" in entrypoint
 
 
 def login_redirect_uri(app, **headers: str) -> str:
@@ -182,3 +223,37 @@ def test_standalone_standin_runs_in_development(tmp_path):
     for environ in ({}, {"APP_ENV": "development"}, {"APP_ENV": ""}):
         environ = environ | {"STANDIN_ISSUER": "http://localhost:8080/standin", "STANDIN_DATABASE_URL": f"sqlite:///{tmp_path / 's.sqlite'}"}
         assert wsgi.create_app(environ) is not None
+
+
+@pytest.mark.slow
+def test_flask_run_on_another_port_signs_in_at_the_stand_in_on_that_port(tmp_path):
+    """The Flask habit, `flask --app app run --port N`: the embedded stand-in's issuer follows the port."""
+    import requests
+
+    from servers import http_sign_in, server_env
+
+    port = free_port()
+    env = server_env(tmp_path, f"sqlite:///{tmp_path / 'app.sqlite'}", "unused") | {"PYTHONUNBUFFERED": "1"}
+    del env["OAUTH_ISSUER"]  # the default, as after a fresh clone
+    subprocess.run([BIN / "flask", "--app", "app", "db", "upgrade"], cwd=ROOT, env=env, check=True, capture_output=True)
+    base = f"http://localhost:{port}"
+    log = tmp_path / "flask-run.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([BIN / "flask", "--app", "app", "run", "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, log.read_text()[-2000:]
+            try:
+                requests.get(f"{base}/healthz", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        login = requests.get(f"{base}/auth/login", allow_redirects=False, timeout=10)
+        assert login.headers["Location"].startswith(f"{base}/standin/authentication/v2/authorize?")
+        browser = http_sign_in(base, "Dorothy Vaughan")
+        assert browser.get(f"{base}/api/session", timeout=10).json()["user"]["name"] == "Dorothy Vaughan"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -1,4 +1,4 @@
-"""What real providers do differently from APS (issue 12), each found by tests/test_interop.py or seen elsewhere.
+"""What real providers do differently from APS, each found by tests/test_interop.py or seen elsewhere.
 
 These run in-process against the stand-in, with `responses` only where a provider quirk must be faked.
 """

@@ -76,6 +76,9 @@ COMMANDS = [
         r"\.venv/bin/(flask --app app db upgrade && \.venv/bin/)?gunicorn 'app:create_app\(\)'|\.venv/bin/flask --app app db upgrade .*",
         "the production start with a real provider",
     ),
+    (r'PATH="\$PWD/\.venv/bin:\$PATH" deploy/entrypoint\.sh', "the production start with a real provider (tests/test_deploy.py runs the entrypoint)"),
+    (r"\.venv/bin/flask --app app run.*", "Flask's development server (tests/test_production_config.py runs it on another port)"),
+    (r'echo "TLS_CERT_DIR=.*" >> \.env', "writes the TLS settings for docker compose"),
     (r"\.venv/bin/python bench/run\.py.*", "a benchmark: 15 minutes, and it needs wrk"),
     (r"\.venv/bin/python bench/soak\.py.*", "the fault soak: 6.5 minutes, its own PostgreSQL server, as root"),
 ]

@@ -258,9 +258,9 @@ def _turns_taken(app, monkeypatch) -> _Count:
     locks, turns = app.extensions["locks"], _Count()
     real = locks.take_turn
 
-    def counted(user_id: int) -> bool:
+    def counted(user_id: int, **how) -> bool:
         turns.add()
-        return real(user_id)
+        return real(user_id, **how)
 
     monkeypatch.setattr(locks, "take_turn", counted)
     return turns

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import update
 
 import standin
+from conftest import copy_private
 from standin.store import codes, refresh_tokens
 
 ISSUER = "http://provider.test/standin"
@@ -23,7 +24,8 @@ def basic(client_id: str = "app", secret: str = "s3cret") -> dict:
 
 
 @pytest.fixture
-def provider(tmp_path):
+def provider(tmp_path, standin_template):
+    copy_private(standin_template, tmp_path / "standin.sqlite")
     app = standin.create_app(
         {
             "issuer": ISSUER,
@@ -255,8 +257,9 @@ def test_injected_faults_hit_the_next_token_request_only(provider, kind):
 
 
 @pytest.fixture
-def embedded(tmp_path):
+def embedded(tmp_path, standin_template):
     """The stand-in as the app embeds it without OAUTH_REDIRECT_URI: no redirect URI registered."""
+    copy_private(standin_template, tmp_path / "standin.sqlite")
     app = standin.create_app(
         {
             "issuer": "http://localhost/standin",
