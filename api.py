@@ -8,6 +8,7 @@ import bearer
 import csrf
 import downscope
 import events
+import grants
 import policy
 import tokens
 from models import utcnow
@@ -75,6 +76,7 @@ def viewer_token():
         message = "This app hands out no viewer token: OAUTH_VIEWER_SCOPE is empty, or the provider narrows the whole grant when asked for one."
         return jsonify(error="viewer_token_off", message=message), 404
     token = tokens.viewer_token(g.account(), trigger=f"{request.method} {request.path}")
+    grants.hand_out(g.account(), g.session.id_hash, token.access_token, token.expires_at)
     expires_in = max(0, int((token.expires_at - utcnow()).total_seconds()))
     return jsonify(access_token=token.access_token, expires_in=expires_in, scope=token.scope)
 

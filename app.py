@@ -39,7 +39,7 @@ import tokens
 from grants import SignInRequired
 from locking import LockTimeout
 from models import db
-from provider import BackChannel, Provider, ProviderError, ProviderRejected, aps_endpoints, discover
+from provider import BackChannel, Provider, ProviderError, ProviderRejected, TokenRefused, aps_endpoints, discover
 from redirects import safe_next
 from standin.inprocess import WSGIAdapter
 from standin.store import private_sqlite_file
@@ -126,8 +126,8 @@ def load_person() -> Response | None:
         if sessions.is_live(g.cookie_session):
             g.session, g.user = g.cookie_session, person
         elif rules.refreshes and request.method == "GET" and not policy.answers_json() and current_app.config["SILENT_SIGN_IN"]:
-            # The grant behind it died: a page goes through the provider again, silently if it can.
-            g.cookie = sessions.Cookie.DROP
+            # The grant behind it died: a page goes through the provider again, silently if it can. The
+            # cookie stays: it is what lets the sign-in be silent (auth.login).
             return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=1))
     elif request.cookies.get(sessions.cookie_name()):
         g.cookie = sessions.Cookie.DROP  # tampered or unknown: simply signed out
@@ -184,8 +184,9 @@ def sign_in_required(exc: SignInRequired) -> Response:
     if policy.answers_json():
         # The cookie stays: the next page this browser opens resumes the sign-in silently.
         return jsonify(error="sign_in_required", message="Your sign-in has ended; please sign in again."), 401
-    g.cookie = sessions.Cookie.DROP
     silent = 1 if request.method == "GET" and current_app.config["SILENT_SIGN_IN"] else None
+    if silent is None:
+        g.cookie = sessions.Cookie.DROP
     return redirect(url_for("auth.login", next=safe_next(request.full_path.rstrip("?")), silent=silent))
 
 
@@ -230,6 +231,8 @@ def _try_again(error: str, message: str) -> tuple[Response | str, int]:
 def provider_refused(exc: ProviderRejected) -> tuple[Response | str, int]:
     """Answer 403 naming the provider's refusal, and keep the session: asking again would get the same answer."""
     message = f"The sign-in provider refused to issue this token ({exc.error}); you are still signed in."
+    if isinstance(exc, TokenRefused):
+        message = f"The API refused this request with your access token ({exc.error}); you are still signed in."
     if policy.answers_json():
         return jsonify(error="provider_refused", cause=exc.error, message=message), 403
     return render_template("error.html", title="The sign-in provider refused this", detail=message, retry=None), 403
@@ -329,6 +332,8 @@ def _init_provider(app: Flask) -> None:
                 "database_url": cfg["STANDIN_DATABASE_URL"],
                 "access_ttl": cfg["STANDIN_ACCESS_TOKEN_TTL"],
                 "strict": cfg["STANDIN_STRICT"],
+                "narrows_quietly": cfg["STANDIN_NARROWS_QUIETLY"],
+                "introspects_access_only": cfg["STANDIN_INTROSPECTS_ACCESS_ONLY"],
             }
         )
         mount = urlsplit(issuer).path.rstrip("/")

@@ -47,8 +47,7 @@ def login() -> Response:
     """Send the browser to the provider's authorize endpoint."""
     provider = current_app.extensions["provider"]
     verifier = secrets.token_urlsafe(64)
-    # Only our own redirects after a dead grant ask for silence; a person who clicks "Sign in" sees the form.
-    silent = request.args.get("silent") == "1" and current_app.config["SILENT_SIGN_IN"] and not request.cookies.get(_silent_cookie())
+    silent = request.args.get("silent") == "1" and _may_resume_silently()
     flow = {"state": secrets.token_urlsafe(32), "verifier": verifier, "next": safe_next(request.args.get("next")), "silent": silent, "at": int(time.time())}
     scope = current_app.config["OAUTH_SCOPES"]
     # APS requires a nonce with openid; identity comes from userinfo, so it is not checked later.
@@ -64,6 +63,18 @@ def login() -> Response:
     _write_flows(response, flows)
     signout.forget(response)  # the person asked to sign in again
     return response
+
+
+def _may_resume_silently() -> bool:
+    """Tell whether this browser may be signed in without a page: it presents a session that ended without the person's say.
+
+    A grant that died ends its sessions but keeps their rows; a sign-out deletes them. So a link to
+    ?silent=1 from anywhere resumes only what a dead grant took, never undoes a sign-out, and never
+    swaps a live session for whoever the provider's cookie names (a login forged at the provider).
+    """
+    if not current_app.config["SILENT_SIGN_IN"] or request.cookies.get(_silent_cookie()):
+        return False  # off, or tried within the last minute
+    return g.cookie_session is not None and g.session is None and signout.reason() is None
 
 
 @bp.get("/callback")
@@ -119,7 +130,7 @@ def _refused_reply(flow: dict) -> tuple[str, int] | None:
     args, again = request.args, url_for("auth.login", next=flow["next"])
     if "error" in args and flow.get("silent") and args["error"] in INTERACTION_ERRORS:
         # The silent attempt found no live session at the provider: now the person signs in there.
-        return _failed(200, "Please sign in again", SILENT_FAILED, retry=again)
+        return _silent_failed(again)
     if "error" in args:
         return _failed(400, "The provider did not sign you in.", _provider_error_text(args["error"]), retry=again)
     if "iss" in args and args["iss"] != current_app.extensions["provider"].endpoints.issuer:
@@ -139,7 +150,7 @@ def _exchange(flow: dict) -> tuple[TokenResponse, dict] | Response:
             grants.revoke([(grant.access_token, "access_token")])
             if flow.get("silent"):
                 # Some providers (oidc-provider) drop offline_access without consent: the person must interact.
-                return make_response(_failed(200, "Please sign in again", SILENT_FAILED, retry=again))
+                return _silent_failed(again)
             return make_response(_failed(400, "The provider did not grant lasting access (no refresh token).", "Please start again.", retry=again))
         return grant, provider.userinfo(grant.access_token)
     except ProviderUnavailable:
@@ -171,6 +182,7 @@ def _sign_in(flow: dict, grant: TokenResponse, info: dict) -> Response | tuple[s
     cookie = sessions.start(user, provider_sid=grant.sid)
     db.session.commit()
     metrics.count_sign_in("silent" if flow.get("silent") else "interactive")
+    tokens.learn_introspection(grant.refresh_token)
     _prefetch_viewer_token(user)
     response = redirect(flow["next"])
     sessions.set_cookie(response, cookie, user.refresh_expires_at)
@@ -344,6 +356,13 @@ def _provider_error_text(error: str) -> str:
 SILENT_FAILED = (
     "Your sign-in here had ended (after a long time away, a sign-out at the provider, or a lost connection), and the provider needs you to sign in there again."
 )
+
+
+def _silent_failed(again: str) -> Response:
+    """Say the person must sign in at the provider, and drop the ended session's cookie: pages stop trying to resume it."""
+    response = make_response(_failed(200, "Please sign in again", SILENT_FAILED, retry=again))
+    sessions.clear_cookie(response)
+    return response
 
 
 def _failed(status: int, title: str, detail: str, retry: str | None = None) -> tuple[str, int]:

@@ -126,6 +126,9 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         "STANDIN_DATABASE_URL": env("STANDIN_DATABASE_URL") or f"sqlite:///{Path(instance_path) / 'standin.sqlite'}",
         "STANDIN_ACCESS_TOKEN_TTL": _int(environ, "STANDIN_ACCESS_TOKEN_TTL", 3599),
         "STANDIN_STRICT": _bool(environ, "STANDIN_STRICT", False),
+        # Two habits of real providers, to test the app against: see the README's provider table.
+        "STANDIN_NARROWS_QUIETLY": _bool(environ, "STANDIN_NARROWS_QUIETLY", False),
+        "STANDIN_INTROSPECTS_ACCESS_ONLY": _bool(environ, "STANDIN_INTROSPECTS_ACCESS_ONLY", False),
         "SIGNIN_RATE_LIMIT": env("SIGNIN_RATE_LIMIT", "20/minute"),
         # Back-channel logout requests per address and worker (OAUTH_PROVIDER=oidc); "off" disables the limit.
         "BACKCHANNEL_LOGOUT_RATE_LIMIT": env("BACKCHANNEL_LOGOUT_RATE_LIMIT", "60/minute"),

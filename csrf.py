@@ -30,8 +30,9 @@ def protect() -> None:
     site = request.headers.get("Sec-Fetch-Site")
     if request.method in SAFE_METHODS:
         # A link from another site (or the provider's redirect back) is a navigation; an
-        # image, script, frame or fetch from another site is not, and gets nothing.
-        if site == "cross-site" and not _is_navigation():
+        # image, script, frame or fetch from another site is not, and gets nothing. The JSON
+        # API is for our own pages and scripts: no other site may even link to it.
+        if site == "cross-site" and (not _is_navigation() or request.path.startswith("/api/")):
             abort(403, "Cross-site request refused.")
         return
     if site is not None and site not in ("same-origin", "none"):

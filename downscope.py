@@ -5,7 +5,9 @@ refresh token keeps the original scope (RFC 6749 §6), as APS does. Some provide
 refresh token too, so every later refresh comes back narrowed and the person's full-scope calls fail.
 The app notices at the next full refresh (it comes back with nothing beyond the viewer scope), ends
 that grant, stops downscoping at this provider and asks the person to sign in once more. The database
-keeps the fact as a refresh event, so every worker and instance stops too.
+keeps the fact as a refresh event, so every worker and instance stops too. A provider that names no
+scope in its replies is found out by a resource server instead: insufficient_scope to the token of the
+first full refresh after a narrowed one (narrowed_quietly, bearer.py).
 """
 
 import contextlib
@@ -17,7 +19,7 @@ from sqlalchemy import select
 
 from events import Outcome
 from models import RefreshEvent, User, db
-from provider import ProviderError, TokenResponse
+from provider import ProviderError
 
 log = logging.getLogger("tokens")
 
@@ -46,18 +48,35 @@ def narrowed_grant(granted: str | None) -> bool:
     return set(granted.split()) <= viewer
 
 
-def note_narrowed_grant(user_id: int, tokens: TokenResponse) -> None:
+def narrowed_quietly(user: User) -> bool:
+    """Tell whether the person's access token came from the first full refresh after a narrowed one since their sign-in.
+
+    A provider that narrows the whole grant and names no scope in its reply cannot be caught at the
+    refresh; a resource server's insufficient_scope to exactly this token gives it away.
+    """
+    if not current_app.config["OAUTH_VIEWER_SCOPE"].strip():
+        return False
+    since = user.signed_in_at
+    latest = {}
+    for kind in ("viewer", "access"):
+        query = select(RefreshEvent.at).where(RefreshEvent.user_id == user.id, RefreshEvent.kind == kind, RefreshEvent.outcome == Outcome.REFRESHED)
+        latest[kind] = db.session.execute(query.order_by(RefreshEvent.id.desc()).limit(1)).scalar_one_or_none()
+    viewer, access = latest["viewer"], latest["access"]
+    return viewer is not None and access is not None and (since is None or viewer >= since) and access >= viewer
+
+
+def note_narrowed_grant(user_id: int, granted: str | None, refresh_token: str | None) -> None:
     """Stop downscoping in this worker, say why in one line, and revoke the narrowed grant; the caller's refresh event tells the others."""
     current_app.extensions["grant_narrowing_seen"] = (True, time.monotonic())
     log.warning(
         "The provider narrowed a whole grant to %r after a narrowed refresh (user_id %d): "
         "no more viewer tokens from it; set OAUTH_VIEWER_SCOPE= to make that permanent.",
-        tokens.scope,
+        granted or "a scope it did not name",
         user_id,
     )
-    if tokens.refresh_token:
+    if refresh_token:
         with contextlib.suppress(ProviderError):  # best effort: nobody holds that token any more
-            current_app.extensions["provider"].revoke(tokens.refresh_token)
+            current_app.extensions["provider"].revoke(refresh_token)
 
 
 def _narrowing_seen(user: User) -> bool:

@@ -7,11 +7,12 @@ overwrites another: a refresh still in flight with the previous refresh token ca
 sign-in's, and "was this the last session?" is decided in the transaction that forgets the grant.
 """
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from flask import current_app
 from sqlalchemy import delete, select, update
@@ -20,7 +21,7 @@ from sqlalchemy.orm import undefer_group
 
 import locking
 import sessions
-from models import User, UserSession, db, utcnow
+from models import HandedToken, User, UserSession, db, utcnow
 from provider import ProviderError, TokenResponse
 
 log = logging.getLogger("tokens")
@@ -64,6 +65,7 @@ def save_sign_in(subject: str, name: str, email: str, tokens: TokenResponse) -> 
     """Store a fresh sign-in's tokens under the person's row lock; they replace the old ones for all sessions."""
     user = _lock_subject(subject)
     now = utcnow()
+    _set_aside_access_token(user)
     user.name, user.email = name, email
     user.access_token = tokens.access_token
     user.access_expires_at = now + timedelta(seconds=tokens.expires_in)
@@ -100,6 +102,7 @@ def store_rotation(user: User, kind: str, tokens: TokenResponse, scope: str | No
     if kind == "viewer":
         user.viewer_token, user.viewer_expires_at, user.viewer_scope = tokens.access_token, expires_at, tokens.scope or scope
     else:
+        _set_aside_access_token(user)
         user.access_token, user.access_expires_at = tokens.access_token, expires_at
     user.refresh_unsure = False
     if tokens.refresh_token:  # some OIDC providers do not rotate; APS always does
@@ -135,15 +138,55 @@ def end_sessions(user_id: int, id_hashes: Iterable[str] | None = None) -> list[t
     if id_hashes is not None:
         ended = ended.where(UserSession.id_hash.in_(list(id_hashes)))
     db.session.execute(ended)
-    revocable = _forget_tokens(user) if sessions.remaining(user_id) == 0 else []
+    last = sessions.remaining(user_id) == 0
+    revocable = _forget_tokens(user) if last else _revocable_of_devices(user, list(id_hashes or []))
     db.session.commit()
     return revocable
 
 
 def _forget_tokens(user: User) -> list[tuple[str, str]]:
+    """Clear the person's tokens; return them, and every access token handed out and still alive, to revoke."""
     revocable = [(user.refresh_token, "refresh_token"), (user.access_token, "access_token"), (user.viewer_token, "access_token")]
+    handed = db.session.execute(select(HandedToken.token).where(HandedToken.user_id == user.id, HandedToken.expires_at > utcnow())).scalars()
+    revocable += [(token, "access_token") for token in dict.fromkeys(handed) if token not in (user.access_token, user.viewer_token)]
+    db.session.execute(delete(HandedToken).where(HandedToken.user_id == user.id))
     user.clear_tokens()
     return [(token, hint) for token, hint in revocable if token]
+
+
+def hand_out(user: User, session_hash: str, token: str, expires_at: datetime) -> None:
+    """Remember that this session's browser holds this access token (the viewer's), so its sign-out can revoke it."""
+    token_hash = _digest(token)
+    known = select(HandedToken.id).where(HandedToken.token_hash == token_hash, HandedToken.session_hash == session_hash)
+    if db.session.execute(known).first() is None:
+        db.session.add(HandedToken(user_id=user.id, session_hash=session_hash, token_hash=token_hash, token=token, expires_at=expires_at))
+        db.session.commit()
+
+
+def _set_aside_access_token(user: User) -> None:
+    """Remember the locked person's access token before a newer one replaces it: it lives on until it expires."""
+    if user.access_token and user.access_expires_at and user.access_expires_at > utcnow():
+        token_hash = _digest(user.access_token)
+        db.session.add(HandedToken(user_id=user.id, session_hash=None, token_hash=token_hash, token=user.access_token, expires_at=user.access_expires_at))
+
+
+def _revocable_of_devices(user: User, id_hashes: list[str]) -> list[tuple[str, str]]:
+    """Return the alive tokens handed only to these sessions (no other device holds them), and forget what they were handed."""
+    mine = select(HandedToken).where(HandedToken.user_id == user.id, HandedToken.session_hash.in_(id_hashes))
+    rows = list(db.session.execute(mine).scalars())
+    others = select(HandedToken.token_hash).where(
+        HandedToken.user_id == user.id, HandedToken.session_hash.is_not(None), HandedToken.session_hash.not_in(id_hashes)
+    )
+    shared = set(db.session.execute(others).scalars())
+    alive = {row.token_hash: row.token for row in rows if row.expires_at > utcnow() and row.token_hash not in shared}
+    db.session.execute(delete(HandedToken).where(HandedToken.id.in_([row.id for row in rows])))
+    if user.viewer_token is not None and _digest(user.viewer_token) in alive:
+        user.viewer_token = user.viewer_expires_at = None  # revoked: the next viewer gets a new one
+    return [(token, "access_token") for token in alive.values()]
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def replaced_by_sign_in(user_id: int, used: str) -> bool:

@@ -7,7 +7,7 @@ import click
 from flask.cli import with_appcontext
 from sqlalchemy import and_, delete, exists, func, select
 
-from models import RefreshEvent, User, UserSession, db, utcnow
+from models import HandedToken, RefreshEvent, User, UserSession, db, utcnow
 from sessions import RESUME_GRACE
 
 # A person who comes back within this many days after their grant ended finds their history still there.
@@ -26,6 +26,7 @@ def purge_expired(now: datetime, grace: timedelta) -> Purged:
     """Delete sessions ended longer ago than RESUME_GRACE, then people without a live session whose grant ended before now - grace."""
     # Ended sessions stay a while, so their browsers can resume silently after a dead grant (sessions.RESUME_GRACE).
     sessions = db.session.execute(delete(UserSession).where(UserSession.expires_at <= now - RESUME_GRACE)).rowcount
+    db.session.execute(delete(HandedToken).where(HandedToken.expires_at <= now))  # expired: nothing left to revoke
     db.session.commit()
     cutoff = now - grace
     # A dead or revoked grant clears refresh_expires_at, so then the last sign-in dates the person.
@@ -37,6 +38,7 @@ def purge_expired(now: datetime, grace: timedelta) -> Purged:
     while ids := list(db.session.execute(stale).scalars()):
         # Children first and explicitly: the operator sees the counts, and nothing relies on ON DELETE CASCADE.
         events += db.session.execute(delete(RefreshEvent).where(RefreshEvent.user_id.in_(ids))).rowcount
+        db.session.execute(delete(HandedToken).where(HandedToken.user_id.in_(ids)))
         db.session.execute(delete(UserSession).where(UserSession.user_id.in_(ids)))
         people += db.session.execute(delete(User).where(User.id.in_(ids))).rowcount
         db.session.commit()  # short transactions: sign-ins and refreshes are not held up for the whole purge

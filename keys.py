@@ -8,9 +8,9 @@ import click
 from cryptography.fernet import InvalidToken
 from flask import current_app
 from flask.cli import with_appcontext
-from sqlalchemy import Text, select, type_coerce, update
+from sqlalchemy import Text, delete, select, type_coerce, update
 
-from models import User, db
+from models import HandedToken, User, db
 
 TOKEN_COLUMNS = ("refresh_token", "access_token", "viewer_token")
 
@@ -37,7 +37,19 @@ def rotate_all() -> tuple[int, int]:
         db.session.execute(update(User).where(User.id == row.id, *unchanged).values(**values), execution_options={"synchronize_session": False})
         db.session.commit()
         rotated += 1
+    _rotate_handed_tokens(cipher)
     return rotated, unreadable
+
+
+def _rotate_handed_tokens(cipher) -> None:
+    """Re-encrypt the access tokens kept for revocation at sign-out; one no key can read is dropped (it expires within the hour anyway)."""
+    token = type_coerce(HandedToken.token, Text)
+    for row in db.session.execute(select(HandedToken.id, token.label("token"))).all():
+        try:
+            db.session.execute(update(HandedToken).where(HandedToken.id == row.id).values(token=type_coerce(cipher.rotate(row.token.encode()).decode(), Text)))
+        except InvalidToken:
+            db.session.execute(delete(HandedToken).where(HandedToken.id == row.id))
+    db.session.commit()
 
 
 @click.command("rotate-token-keys")

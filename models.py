@@ -134,6 +134,23 @@ class RefreshEvent(db.Model):
     waiters: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class HandedToken(db.Model):
+    """An access token that left the person's row while alive: handed to a browser's viewer, or replaced by a newer one.
+
+    Kept until it expires, so a sign-out can revoke what is still out there (grants.end_sessions).
+    """
+
+    __tablename__ = "handed_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    # The session (device) it was handed to; None for a token the server alone held.
+    session_hash: Mapped[str | None] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64))  # SHA-256, to find one token handed to several devices
+    token: Mapped[str] = mapped_column(EncryptedText)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
 class SeenLogoutToken(db.Model):
     """A back-channel logout token already acted on, kept until it would be refused as too old anyway."""
 

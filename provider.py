@@ -1,6 +1,7 @@
 """Talk to the authorization server: authorize URL, code exchange, refresh, revoke, userinfo."""
 
 import logging
+import re
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
@@ -40,6 +41,10 @@ class ProviderRejected(ProviderError):
     def __init__(self, error: str, description: str = ""):
         super().__init__(f"{error}: {description}" if description else error)
         self.error = error
+
+
+class TokenRefused(ProviderRejected):
+    """A resource server refused the access token for this request (RFC 6750 §3.1: insufficient_scope, or invalid_token once renewed)."""
 
 
 @dataclass(frozen=True)
@@ -204,8 +209,12 @@ class Provider:
 
     def userinfo(self, access_token: str) -> dict:
         reply = self._send("GET", self.endpoints.userinfo, headers={"Authorization": f"Bearer {access_token}"})
-        if reply.status_code == 401:
+        error = bearer_error(reply)
+        if reply.status_code == 401 and error in (None, "invalid_token"):
             raise InvalidGrant("access token rejected by userinfo")
+        if reply.status_code in (401, 403):
+            # A refusal with its reason, often with no body at all: an answer, not an outage.
+            raise TokenRefused(error or _json_error(reply) or f"http_{reply.status_code}", "userinfo refused the access token")
         return self._json(reply)
 
     def revoke(self, token: str, hint: str = "refresh_token") -> None:
@@ -257,6 +266,27 @@ class Provider:
                 raise InvalidGrant(str(body.get("error_description", "")))
             raise ProviderRejected(error, str(body.get("error_description", "")))
         return body
+
+
+BEARER_ERROR = re.compile(r'\berror\s*=\s*"?([A-Za-z_]+)"?')
+
+
+def bearer_error(reply: requests.Response) -> str | None:
+    """Return the error of a resource server's WWW-Authenticate: Bearer challenge (RFC 6750 §3), if it names one."""
+    challenge = reply.headers.get("WWW-Authenticate", "")
+    if not challenge.lower().startswith("bearer"):
+        return None
+    found = BEARER_ERROR.search(challenge)
+    return found[1][:64] if found else None
+
+
+def _json_error(reply: requests.Response) -> str | None:
+    try:
+        body = reply.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    return error[:64] if isinstance(error, str) and error.isidentifier() else None
 
 
 def _maybe_delivered(exc: requests.RequestException) -> bool:

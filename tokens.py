@@ -15,7 +15,9 @@ fresh token or an answer to give:
 3. Do not ask what cannot succeed: no grant stored is a sign-in; a refusal within
    REFUSAL_BACKOFF is the answer again. A refresh whose reply was lost (refresh_unsure) first
    asks the provider's introspection whether the kept token still lives: a replay would make
-   a strict provider revoke the grant.
+   a strict provider revoke the grant. Its "inactive" is believed only from a provider whose
+   introspection called a live refresh token active (learn_introspection, at a sign-in); from
+   any other, the refresh itself tells.
 4. Refresh at the provider (one round trip, up to PROVIDER_REFRESH_TIMEOUT), holding the locks.
 5. Store the rotation with its event and commit: the locks go with the commit. If the commit
    fails (a database restart), retry it on a fresh connection for ROTATION_STORE_RETRY seconds,
@@ -28,14 +30,16 @@ What else the provider may answer, each recorded (events.record) before the lock
   one under the row lock we hold. So let go and look for a new grant for SIGN_IN_GRACE (found:
   round again); then forget the grant and end the person's sessions -> SignInRequired.
 - A lost reply (a timeout or dropped connection after the request was sent): the provider may
-  have rotated. Mark the token unsure and introspect it: no longer active means the rotation is
+  have rotated. Mark the token unsure and introspect it: no longer active (believed: step 3) means the rotation is
   lost (lost_rotation, a dead grant); active means nothing happened; no answer leaves it unsure
   for the next attempt. -> ProviderUnavailable (503).
 - Unreachable or 5xx: nothing was consumed; keep everything -> ProviderUnavailable (503).
 - Any other refusal (invalid_scope...): an answer, not an outage. Keep everything; do not ask
   the same again for REFUSAL_BACKOFF -> ProviderRejected (403).
 - A full refresh that comes back with nothing beyond the viewer scope: the provider narrowed the
-  whole grant (downscope.py). End it and stop downscoping -> SignInRequired with a notice.
+  whole grant (downscope.py). End it and stop downscoping -> SignInRequired with a notice. A
+  provider that names no scope in its reply is found out later, when a resource server answers
+  insufficient_scope to the token of the first full refresh after a narrowed one (bearer.py).
 
 Ahead of expiry: a request that finds its access token within TOKEN_REFRESH_AHEAD of the leeway
 is served with it, and refresh_ahead runs the same attempt once round after the response
@@ -179,14 +183,40 @@ def _refused_lately(user: User, kind: str) -> str | None:
     return last.cause or Outcome.REFUSED.value
 
 
-def end_rejected_grant(user_id: int, trigger: str) -> NoReturn:
-    """Forget a grant whose fresh access token a resource server refuses, ending every session that relied on it."""
+# app.extensions key: whether this provider's introspection was seen to call a live refresh token
+# active. Some introspect only access tokens and call every refresh token inactive: their "inactive"
+# alone must never end a sign-in as a lost rotation.
+INTROSPECTS_REFRESH_TOKENS = "introspects_refresh_tokens"
+
+
+def learn_introspection(refresh_token: str) -> None:
+    """Ask the provider's introspection, once per worker, about a refresh token just issued, to learn whether its "inactive" can be believed."""
+    if INTROSPECTS_REFRESH_TOKENS in current_app.extensions:
+        return
+    try:
+        active = current_app.extensions["provider"].introspect(refresh_token).get("active")
+    except ProviderError:
+        return  # no introspection, or no answer: ask again at the next sign-in
+    current_app.extensions[INTROSPECTS_REFRESH_TOKENS] = active is True
+
+
+def note_rejected_token(user_id: int, trigger: str) -> None:
+    """Log that a resource server refused even a freshly renewed access token; the grant stands (bearer.py)."""
+    events.record(Attempt(user_id, "access", trigger), Outcome.TOKEN_REJECTED, write=False)
+
+
+def end_narrowed_grant(user_id: int, trigger: str) -> NoReturn:
+    """End a grant that a provider narrowed quietly (its reply named no scope), stop downscoping, and say why."""
     attempt = Attempt(user_id, "access", trigger)
     user = grants.lock(user_id)
-    revocable = grants.forget(user) if user is not None else []
-    events.record(attempt, Outcome.TOKEN_REJECTED, write=user is not None)
+    if user is None or not user.refresh_token:
+        db.session.rollback()
+        raise SignInRequired("no grant stored")
+    downscope.note_narrowed_grant(user_id, None, None)  # its refresh token is revoked with the rest, below
+    revocable = grants.forget(user)
+    events.record(attempt, Outcome.GRANT_NARROWED)
     grants.revoke(revocable)
-    raise SignInRequired("the resource server rejects a fresh access token")
+    raise SignInRequired("the grant ended: grant_narrowed", notice=downscope.NOTICE)
 
 
 @dataclass
@@ -281,14 +311,16 @@ class Attempt:
             active = current_app.extensions["provider"].introspect(user.refresh_token).get("active")
         except ProviderError:
             return  # no introspection, or no answer: stay unsure, the refresh will tell
-        if active is False:
+        if active is False and current_app.extensions.get(INTROSPECTS_REFRESH_TOKENS):
             self.end_grant(user, Outcome.LOST_ROTATION)
-        user.refresh_unsure = False
+        if active is True:
+            user.refresh_unsure = False
+        # Otherwise stay unsure: the refresh itself will tell (a spent token gets invalid_grant: lost_rotation).
 
     def store(self, user: User, reply: TokenResponse) -> User:
         """Store the rotation with its event, and commit; retry on a fresh connection when the commit fails."""
         if self.kind == "access" and downscope.narrowed_grant(reply.scope):
-            downscope.note_narrowed_grant(self.user_id, reply)
+            downscope.note_narrowed_grant(self.user_id, reply.scope, reply.refresh_token)
             self.end_grant(user, Outcome.GRANT_NARROWED, notice=downscope.NOTICE)
         used = user.refresh_token
         grants.store_rotation(user, self.kind, reply, self.scope)

@@ -48,7 +48,10 @@ def create_app(settings: Mapping) -> Flask:
     """Create the stand-in provider from its settings.
 
     settings: issuer, clients ({client_id: secret}), redirect_uris (exact URIs allowed; empty
-    allows only /auth/callback on the stand-in's own origin), database_url, access_ttl, strict.
+    allows only /auth/callback on the stand-in's own origin), database_url, access_ttl, strict; and
+    two habits of real providers, off unless set: narrows_quietly (a narrowed refresh narrows the
+    whole grant, no reply names its scope, userinfo refuses with an empty 403) and
+    introspects_access_only (introspection answers active: false for every refresh token).
     """
     app = Flask(__name__)
     app.config["STANDIN"] = dict(settings)
@@ -120,9 +123,21 @@ def authorize():
         return _back(redirect_uri, issuer, error="invalid_scope", state=state)
     if request.method == "GET":
         return _ask_or_sign_in_silently(params)
+    _refuse_cross_site_post()
     if "cancel" in request.form:
         return _back(redirect_uri, issuer, error="access_denied", state=state)
     return _signed_in(params, request.form.get("name", "").strip())
+
+
+def _refuse_cross_site_post() -> None:
+    """Refuse a sign-in form posted from another site: it would sign the browser in as whoever that site chose (login CSRF)."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        abort(403, "Cross-site sign-in refused.")
+    origin = request.headers.get("Origin")
+    # Under Referrer-Policy: no-referrer browsers send "Origin: null" even from the form's own page; Sec-Fetch-Site vouches then.
+    if origin is not None and _origin(origin) != _origin(request.host_url) and not (origin == "null" and site == "same-origin"):
+        abort(403, "Cross-site sign-in refused.")
 
 
 def _ask_or_sign_in_silently(params: Mapping) -> Response | str:
@@ -212,6 +227,8 @@ def introspect():
     if access:
         return _active(access, "access_token")
     refresh = store.refresh_token(token)
+    if _settings().get("introspects_access_only"):
+        refresh = None  # some providers introspect access tokens only, and call every other token inactive
     if refresh and refresh["status"] == "active" and refresh["expires_at"] > time.time():
         return _active(refresh, "refresh_token")
     return jsonify(active=False)
@@ -240,6 +257,8 @@ def userinfo():
     if not {"user-profile:read", "openid"} & set(access["scope"].split()):
         # APS wants user-profile:read (OpenID Connect: openid); a viewer's narrowed token gets nothing.
         challenge = 'Bearer error="insufficient_scope", scope="user-profile:read"'
+        if _settings().get("narrows_quietly"):
+            return "", 403, {"WWW-Authenticate": challenge}  # the challenge alone says why
         return jsonify(error="insufficient_scope", error_description="user-profile:read is required"), 403, {"WWW-Authenticate": challenge}
     person = store.person(access["sub"])
     return jsonify(sub=person["sub"], name=person["name"], preferred_username=person["name"], email=person["email"], email_verified=True)
@@ -370,17 +389,22 @@ def _refresh_grant(store: Store, cfg: Mapping, client_id: str) -> dict:
             raise OAuthError("invalid_scope", "requested scope exceeds the granted scope")
         else:
             conn.execute(update(refresh_tokens).where(refresh_tokens.c.token_hash == row["token_hash"]).values(status="used"))
+            access_scope = " ".join(requested) if requested else row["scope"]
             # The new refresh token keeps the full grant; only the access token is narrowed (RFC 6749 §6).
+            # A provider that narrows quietly narrows the grant too, and says nothing of scope.
+            quiet = cfg.get("narrows_quietly")
             body = store.issue(
                 conn,
                 client_id=client_id,
                 sub=row["sub"],
-                scope=row["scope"],
-                access_scope=" ".join(requested) if requested else row["scope"],
+                scope=access_scope if quiet else row["scope"],
+                access_scope=access_scope,
                 access_ttl=cfg["access_ttl"],
                 refresh_ttl=REFRESH_TTL,
             )
             store.record(conn, "refresh", row["sub"])
+            if quiet:
+                del body["scope"]
             return body
         store.record(conn, "refresh_rejected", row["sub"] if row else "")
     raise failure

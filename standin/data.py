@@ -5,7 +5,7 @@ demo and the tests browse something real offline. It answers as APS does where a
 JSON:API documents, `data:read` required (401 for a missing or unknown token, 403 without the
 scope), lists paginated with `page[number]` and `page[limit]` and `links.next` while more remain,
 and 404 for anything that is not the caller's. Faults can be injected (store.inject with the
-api_* kinds): a 503, a slow answer, an oversized one.
+api_* kinds): a 503, a slow answer, an oversized one, a 401 to any token.
 """
 
 import base64
@@ -103,6 +103,10 @@ def _take_fault(store: Store) -> None:
     fault = store.take_fault(API_FAULTS)
     if fault and fault["kind"] == "api_5xx":
         raise Refused((jsonify(errors=[_error(503, "SERVICE_UNAVAILABLE", "injected fault")]), 503))
+    if fault and fault["kind"] == "api_401":
+        # Some APIs answer 401 for a resource the token may not see, however fresh the token.
+        body = {"developerMessage": "The required auth token is missing or invalid.", "errorCode": "AUTH-001"}
+        raise Refused((jsonify(body), 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'}))
     if fault and fault["kind"] == "api_slow":
         time.sleep(fault["delay"])
     if fault and fault["kind"] == "api_large":

@@ -103,8 +103,8 @@ faults = Table(
 )
 
 TOKEN_FAULTS = {"5xx", "timeout", "hang", "drop", "invalid_grant"}
-# Faults of the Data Management API (standin/data.py): a 503, a slow answer (delay), an oversized one (delay = MiB).
-API_FAULTS = {"api_5xx", "api_slow", "api_large"}
+# Faults of the Data Management API (standin/data.py): a 503, a slow answer (delay), an oversized one (delay = MiB), a 401 to any token.
+API_FAULTS = {"api_5xx", "api_slow", "api_large", "api_401"}
 FAULT_KINDS = TOKEN_FAULTS | API_FAULTS
 
 

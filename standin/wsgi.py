@@ -44,6 +44,8 @@ def create_app(environ: Mapping[str, str] = os.environ) -> DispatcherMiddleware:
             "database_url": database_url,
             "access_ttl": int(ttl),
             "strict": (environ.get("STANDIN_STRICT") or "").lower() in TRUE,
+            "narrows_quietly": (environ.get("STANDIN_NARROWS_QUIETLY") or "").lower() in TRUE,
+            "introspects_access_only": (environ.get("STANDIN_INTROSPECTS_ACCESS_ONLY") or "").lower() in TRUE,
         }
     )
     return DispatcherMiddleware(NotFound(), {mount: provider})

@@ -41,9 +41,8 @@ def test_sign_out_can_end_the_providers_session_too(app_factory):
     back = client.get(target.path, query_string=target.query)
     assert back.status_code == 302 and back.headers["Location"] == "http://localhost/"
     # The provider forgot this browser too: a silent sign-in now needs its form.
-    authorize = urlsplit(client.get("/auth/login", query_string={"silent": "1"}).headers["Location"])
-    assert parse_qs(authorize.query)["prompt"] == ["none"]
-    answer = client.get(authorize.path, query_string=authorize.query)
+    authorize = urlsplit(client.get("/auth/login").headers["Location"])
+    answer = client.get(authorize.path, query_string=f"{authorize.query}&prompt=none")
     assert parse_qs(urlsplit(answer.headers["Location"]).query)["error"] == ["login_required"]
 
 
@@ -148,3 +147,38 @@ def test_logout_address_typed_in_shows_the_sign_out_button(client):
     assert form and re.search(r'name="csrf_token" value="[0-9a-f]{64}"', form.group(1))
     assert '<button type="submit" class="primary">Sign out</button>' in form.group(1)
     assert client.get("/api/session").status_code == 200  # looking at the page signs nobody out
+
+
+def test_a_link_to_silent_sign_in_after_a_sign_out_shows_the_providers_form(client):
+    """A sign-out is never undone silently: ?silent=1 from a link is honoured only for a session that ended without the person's say."""
+    sign_in(client)  # the provider now remembers this browser
+    csrf = client.get("/api/session").get_json()["csrf_token"]
+    client.post("/auth/logout", data={"csrf_token": csrf})
+    login = client.get("/auth/login", query_string={"silent": "1", "next": "/browse"})
+    authorize = urlsplit(login.headers["Location"])
+    assert "prompt" not in parse_qs(authorize.query)
+    page = client.get(authorize.path, query_string=authorize.query)
+    assert page.status_code == 200 and 'name="name"' in page.get_data(as_text=True)
+    assert client.get("/api/session").status_code == 401
+
+
+def test_a_link_to_silent_sign_in_never_swaps_a_live_session_for_the_providers_person(client):
+    """Login CSRF: the provider's cookie names someone else (an attacker posted its form); a live session here is not replaced silently."""
+    sign_in(client, name="Victim")
+    sign_in_at_provider_only(client, name="Attacker")
+    login = client.get("/auth/login", query_string={"silent": "1"})
+    assert "prompt" not in parse_qs(urlsplit(login.headers["Location"]).query)
+    assert client.get("/api/session").get_json()["user"]["name"] == "Victim"
+
+
+def test_a_link_to_silent_sign_in_from_a_stranger_browser_shows_the_form(client):
+    """A browser that never signed in here has no ended session to resume: no silent sign-in for it either."""
+    sign_in_at_provider_only(client, name="Attacker")
+    login = client.get("/auth/login", query_string={"silent": "1"})
+    assert "prompt" not in parse_qs(urlsplit(login.headers["Location"]).query)
+
+
+def sign_in_at_provider_only(client, name: str) -> None:
+    """Sign in at the stand-in's form and never come back to the app (as a form another site auto-posted would)."""
+    authorize = urlsplit(client.get("/auth/login").headers["Location"])
+    assert client.post(authorize.path, query_string=authorize.query, data={"name": name}).status_code == 302

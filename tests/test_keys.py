@@ -60,7 +60,7 @@ def test_rotate_token_keys_re_encrypts_with_the_new_key(app_factory):
     first = app_factory(TOKEN_ENCRYPTION_KEYS=OLD_KEY)
     browser = first.test_client()
     sign_in(browser)
-    browser.get("/api/viewer-token")
+    viewer = browser.get("/api/viewer-token").get_json()["access_token"]
     before = stored_user(first)
 
     rotating = app_factory(TOKEN_ENCRYPTION_KEYS=f"{NEW_KEY},{OLD_KEY}")
@@ -81,6 +81,9 @@ def test_rotate_token_keys_re_encrypts_with_the_new_key(app_factory):
     later.set_cookie("session", browser.get_cookie("session").value)
     assert later.get("/api/profile").get_json()["name"] == "Ada Lovelace"
     assert stored_user(retired).refresh_token == before.refresh_token
+    # The viewer tokens kept for revocation were re-encrypted too: sign-out reads and revokes them.
+    assert later.post("/auth/logout", data={"csrf_token": later.get("/api/session").get_json()["csrf_token"]}).status_code == 302
+    assert retired.extensions["standin"].extensions["standin_store"].access_token(viewer) is None
 
 
 def test_rotate_token_keys_reports_tokens_no_key_can_read(app_factory):

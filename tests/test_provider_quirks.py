@@ -16,6 +16,7 @@ from werkzeug.test import Client, run_wsgi_app
 from werkzeug.wrappers import Response
 
 from conftest import expire_access_token, sign_in, standin_over_http, stored_user
+from models import User, db
 from standin.store import access_tokens, digest, refresh_tokens
 
 
@@ -265,3 +266,54 @@ def test_resource_server_refusing_the_token_is_a_clear_4xx_not_an_outage(app_fac
     assert reply.status_code == 403
     assert reply.get_json()["error"] == "provider_refused" and reply.get_json()["cause"] == "insufficient_scope"
     assert client.get("/api/session").status_code == 200
+
+
+def test_a_grant_narrowed_quietly_costs_one_sign_in_not_an_outage_forever(app_factory, monkeypatch):
+    """The stand-in narrows the whole grant at the viewer's refresh and names no scope; userinfo then answers an empty 403 insufficient_scope."""
+    app = app_factory(STANDIN_NARROWS_QUIETLY=True)
+    client = app.test_client()
+    sign_in(client)  # the viewer prefetch narrows the whole grant, and its reply does not say so
+    expire_access_token(app)
+    reply = client.get("/api/profile")  # the next full refresh gets a narrowed token, which userinfo refuses
+    assert reply.status_code == 401
+    assert reply.get_json()["error"] == "sign_in_required" and "narrowed your whole sign-in" in reply.get_json()["message"]
+    assert stored_user(app).refresh_token is None
+
+    calls = count_refresh_calls(app, monkeypatch)
+    sign_in(client)
+    assert calls == []  # no viewer prefetch any more: the new grant stays whole
+    expire_access_token(app)
+    assert client.get("/api/profile").get_json()["name"] == "Ada Lovelace"
+    assert calls == [None]
+    assert client.get("/api/viewer-token").get_json()["error"] == "viewer_token_off"
+
+
+def test_insufficient_scope_with_an_empty_body_is_a_refusal_not_an_outage(app_factory):
+    """A 403 with only a WWW-Authenticate: Bearer error names the cause (403), keeps the sign-in, and is no 503."""
+    app = app_factory(STANDIN_NARROWS_QUIETLY=True)
+    client = app.test_client()
+    sign_in(client)
+    with app.app_context():
+        user = db.session.execute(select(User).where(User.name == "Ada Lovelace")).scalar_one()
+        user.access_token = user.viewer_token  # as if a provider had handed out a narrower token for the whole grant
+        db.session.commit()
+    reply = client.get("/api/profile")
+    assert reply.status_code == 403
+    assert reply.get_json()["error"] == "provider_refused" and reply.get_json()["cause"] == "insufficient_scope"
+    assert client.get("/api/session").status_code == 200
+
+
+def test_introspection_that_calls_every_refresh_token_inactive_never_ends_a_sign_in_alone(app_factory):
+    """A refresh whose reply was lost, at a provider that introspects access tokens only: the kept token still lives, and the sign-in with it."""
+    app = app_factory(STANDIN_INTROSPECTS_ACCESS_ONLY=True)
+    standin = app.extensions["standin"].extensions["standin_store"]
+    client = app.test_client()
+    sign_in(client)
+    kept = stored_user(app).refresh_token
+    standin.inject("hang", delay=3)  # longer than PROVIDER_REFRESH_TIMEOUT, and then nothing done
+    expire_access_token(app)
+    assert client.get("/api/profile").status_code == 503
+    assert stored_user(app).refresh_token == kept
+    reply = client.get("/api/profile")  # introspection says inactive: the refresh itself tells, and works
+    assert reply.status_code == 200 and reply.get_json()["name"] == "Ada Lovelace"
+    assert standin.refresh_token(kept)["status"] == "used" and standin.count("refresh_rejected") == 0

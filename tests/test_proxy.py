@@ -120,6 +120,33 @@ def test_a_dead_grant_behind_a_refused_token_asks_for_sign_in(app, client, stand
     assert client.get("/api/session").status_code == 401
 
 
+def test_an_api_401_to_a_freshly_renewed_token_is_passed_on_and_no_one_is_signed_out(app, standin):
+    """An API answering 401 for a path anyone may choose cannot sign the person out: refresh once, retry once, then say so."""
+    here, there = app.test_client(), app.test_client()
+    sign_in(here)
+    sign_in(there)
+    standin.inject("api_401", count=2)
+    reply = here.get("/api/aps/project/v1/hubs")
+    assert reply.status_code == 403
+    assert reply.json["error"] == "provider_refused" and reply.json["cause"] == "invalid_token" and "still signed in" in reply.json["message"]
+    assert api_calls(standin) == 2  # refused, then refused again with the renewed token
+    for browser in (here, there):
+        assert browser.get("/api/session").status_code == 200
+        assert browser.get("/api/aps/project/v1/hubs").status_code == 200
+    assert stored_user(app).refresh_token is not None
+
+
+def test_a_cross_site_navigation_to_the_api_is_refused(client, standin):
+    """A link on another site must not reach /api/ with the person's cookie: it is for our own pages and scripts."""
+    sign_in(client)
+    navigation = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    for path in ("/api/aps/project/v1/hubs", "/api/profile", "/api/viewer-token"):
+        reply = client.get(path, headers=navigation)
+        assert reply.status_code == 403 and reply.is_json, path
+    assert api_calls(standin) == 0
+    assert client.get("/session", headers=navigation).status_code == 200  # pages still open from a link
+
+
 def test_upstream_5xx_is_502_and_the_sign_in_stays(client, standin):
     sign_in(client)
     standin.inject("api_5xx")

@@ -155,3 +155,40 @@ def test_sign_out_of_one_device_keeps_the_tokens_the_others_use(app, standin):
     a.post("/auth/logout", data={"csrf_token": _csrf(a)})
     assert standin.access_token(user.access_token) is not None
     assert b.get("/api/profile").status_code == 200
+
+
+@pytest.mark.parametrize("how", ["logout", "logout-everywhere"])
+def test_sign_out_revokes_every_viewer_token_handed_out_and_the_previous_access_token(app, standin, how):
+    """A viewer token handed out before a newer one, or before another device's sign-in replaced it, stops at sign-out too."""
+    a = _device(app)
+    first_viewer = a.get("/api/viewer-token").get_json()["access_token"]
+    first_access = stored_user(app).access_token
+    expire_access_token(app, field="viewer_expires_at")
+    second_viewer = a.get("/api/viewer-token").get_json()["access_token"]  # a newer one; the first still lives
+    assert second_viewer != first_viewer
+    b = _device(app)  # another device's sign-in replaces the stored tokens for both; the access token it replaced still lives
+    assert stored_user(app).access_token != first_access
+    b_viewer = b.get("/api/viewer-token").get_json()["access_token"]
+    for token in (first_viewer, second_viewer, first_access, b_viewer):
+        assert standin.access_token(token) is not None
+    if how == "logout":
+        a.post("/auth/logout", data={"csrf_token": _csrf(a)})
+        b.post("/auth/logout", data={"csrf_token": _csrf(b)})  # the last session: everything still alive goes
+    else:
+        a.post("/auth/logout-everywhere", data={"csrf_token": _csrf(a)})
+    for token in (first_viewer, second_viewer, first_access, b_viewer):
+        assert standin.access_token(token) is None
+
+
+def test_sign_out_of_one_device_revokes_the_viewer_tokens_only_it_was_handed(app, standin):
+    a, b = _device(app), _device(app)
+    shared = a.get("/api/viewer-token").get_json()["access_token"]
+    assert b.get("/api/viewer-token").get_json()["access_token"] == shared  # the same token, handed to both
+    expire_access_token(app, field="viewer_expires_at")
+    a_only = a.get("/api/viewer-token").get_json()["access_token"]
+    a.post("/auth/logout", data={"csrf_token": _csrf(a)})
+    assert standin.access_token(a_only) is None  # this device's alone
+    assert standin.access_token(shared) is not None  # b holds it too
+    reply = b.get("/api/viewer-token").get_json()
+    assert standin.access_token(reply["access_token"]) is not None  # b's viewer gets a live token, never the revoked one
+    assert b.get("/api/profile").status_code == 200

@@ -418,3 +418,32 @@ def test_authorize_grants_only_the_scopes_it_advertises(provider, scope):
         assert query["error"] == ["invalid_scope"] and "code" not in query
     advertised = client.get("/.well-known/openid-configuration").json["scopes_supported"]
     assert "admin:everything" not in advertised and set(SCOPE.split()) <= set(advertised)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site", "Origin": "http://attacker.test"},
+        {"Sec-Fetch-Site": "same-site", "Origin": "http://sub.provider.test"},
+        {"Origin": "http://attacker.test"},
+        {"Origin": "null"},
+    ],
+)
+def test_sign_in_form_posted_from_another_site_is_refused(provider, headers):
+    """Another site auto-posting the form with its own name would sign the victim's browser in as the attacker (login CSRF)."""
+    params = authorize_params(REDIRECT)
+    reply = provider.test_client().post("/authentication/v2/authorize", query_string=params, data={"name": "Attacker"}, headers=headers)
+    assert reply.status_code == 403
+    assert "Location" not in reply.headers and "standin_session" not in reply.headers.get("Set-Cookie", "")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Sec-Fetch-Site": "same-origin", "Origin": "http://provider.test"}, {"Sec-Fetch-Site": "same-origin", "Origin": "null"}, {}],
+)
+def test_sign_in_form_posted_from_its_own_page_signs_in(provider, headers):
+    params = authorize_params(REDIRECT)
+    reply = provider.test_client().post(
+        "/authentication/v2/authorize", query_string=params, data={"name": "Ada"}, headers=headers, base_url="http://provider.test"
+    )
+    assert reply.status_code == 302 and "code=" in reply.headers["Location"]
