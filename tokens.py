@@ -135,8 +135,8 @@ def ensure_fresh_access_token(user: User, trigger: str, rejected: str | None = N
 def refresh_ahead(user_id: int, expires_at: datetime, trigger: str) -> None:
     """Refresh the access token that expires at expires_at, after a response: only if no other request holds the turn or replaced it.
 
-    The same protocol as refresh, once round: it never waits for the turn, and a token that has
-    changed since the request saw it (refreshed elsewhere, a new sign-in, a sign-out) is left alone.
+    The same protocol as refresh, once round: it does not wait for the person's turn (locking.py), and a
+    token that has changed since the request saw it (refreshed elsewhere, a new sign-in, a sign-out) is left alone.
     """
     attempt = Attempt(user_id, "access", f"{trigger[:240]} {events.AHEAD}", ahead_of=expires_at)
     user = attempt.take_turn()

@@ -126,6 +126,7 @@ def test_no_refresh_ahead_after_sign_out(app, client, standin):
     assert stored_user(app).refresh_token is None
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # SQLite's turn is its write lock: the next test
 def test_refresh_ahead_gives_way_to_a_request_holding_the_turn(app, client, standin):
     """It neither waits for the turn nor refreshes: the request holding it does."""
     sign_in(client)
@@ -144,11 +145,6 @@ def test_refresh_ahead_gives_way_to_a_request_holding_the_turn(app, client, stan
     holder.start()
     try:
         assert holding.wait(30)
-        with app.app_context():
-            # Several idle connections in the pool, as in a busy worker: a setting left on one would show.
-            idle = [db.engine.connect() for _ in range(3)]
-            for conn in idle:
-                conn.close()
         before = standin.count("refresh")
         with app.app_context():
             tokens.refresh_ahead(seen.id, seen.access_expires_at, "GET /api/profile")  # a wait would end in LockTimeout
@@ -157,23 +153,40 @@ def test_refresh_ahead_gives_way_to_a_request_holding_the_turn(app, client, stan
     finally:
         release.set()
         holder.join()
-    assert every_pooled_connection_waits_for_locks(app)
     # The turn free again, the next request near expiry refreshes ahead.
     assert get_and_close(client, "/api/profile").status_code == 200
     assert standin.count("refresh") == before + 1
 
 
-def every_pooled_connection_waits_for_locks(app) -> bool:
-    """Tell whether no pooled SQLite connection was left without its busy timeout (a request on it would fail at once)."""
-    with app.app_context():
-        if db.engine.dialect.name != "sqlite":
-            return True
-        connections = [db.engine.connect() for _ in range(db.engine.pool.checkedin())]
-        try:
-            return all(conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == locking.lock_wait(app.config) * 1000 for conn in connections)
-        finally:
-            for conn in connections:
-                conn.close()
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_on_sqlite_a_refresh_ahead_waits_for_the_write_lock_and_refreshes(app, client, standin):
+    """The write lock is everyone's: held by another person's refresh, a refresh ahead waits for it instead of giving way."""
+    sign_in(client)
+    due_ahead(app)
+    seen = stored_user(app)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock() -> None:
+        with app.app_context():
+            locking.current().begin()  # as another person's refresh, sign-in or sign-out does
+            holding.set()
+            release.wait(30)
+            db.session.rollback()
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        before = standin.count("refresh")
+        threading.Timer(0.5, release.set).start()
+        with app.app_context():
+            tokens.refresh_ahead(seen.id, seen.access_expires_at, "GET /api/profile")
+    finally:
+        release.set()
+        holder.join()
+    assert standin.count("refresh") == before + 1
+    assert stored_user(app).access_expires_at != seen.access_expires_at
+    assert [e.trigger.endswith("(ahead)") for e in refresh_events(app) if e.outcome == "refreshed"][-1:] == [True]
 
 
 def test_a_failed_refresh_ahead_is_recorded_and_the_next_request_refreshes(app, client, standin):
