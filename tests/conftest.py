@@ -350,3 +350,37 @@ def chromium():
         browser = launch_chromium(playwright)
         yield browser
         browser.close()
+
+
+# The servers a module starts once for its tests (module-scoped fixtures, or session-scoped ones of its own).
+SHARED_SCOPES = {"class", "module", "package"}
+HEAVY = ("slow", "browser", "interop")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `-n N --dist loadgroup`: keep tests that share a module's servers on one worker, and start the heavy ones first.
+
+    The rest go to whichever worker is free, one test at a time, so the long waits of the servers'
+    tests (real expiries, real restarts) overlap with everything else.
+    """
+    for item in items:
+        group = shared_servers(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: not (item.get_closest_marker("xdist_group") or any(item.get_closest_marker(m) for m in HEAVY)))
+
+
+def shared_servers(item: pytest.Item) -> str | None:
+    """Name the module, and the parameters of its shared fixtures, whose servers this test uses; None if it starts its own."""
+    module = item.nodeid.split("::")[0]
+    shared = [
+        defs[-1]
+        for defs in item._fixtureinfo.name2fixturedefs.values()
+        if defs[-1].scope in SHARED_SCOPES or (defs[-1].scope == "session" and defs[-1].baseid == module)
+    ]
+    if not shared:
+        return None
+    params = getattr(item, "callspec", None)
+    shown = [str(params.params[d.argname]) for d in shared if params and d.argname in params.params]
+    return "-".join([module, *sorted(shown)])
