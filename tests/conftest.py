@@ -352,6 +352,27 @@ def chromium():
         browser.close()
 
 
+# What one test process takes of PostgreSQL's connections, with room to spare: about 25 at its busiest
+# (instances of 3 gunicorn workers x 4 threads, or threads racing for a refresh).
+CONNECTIONS_PER_PROCESS = 50
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Under `-n auto` (bash scripts/test): TEST_PROCESSES, or 4 processes, fewer where PostgreSQL takes too few connections for them.
+
+    Most of the slow tests wait (for real expiries, restarts, browsers), so 4 processes keep 2 cores busy.
+    """
+    if os.environ.get("TEST_PROCESSES"):
+        processes = int(os.environ["TEST_PROCESSES"])
+    else:
+        try:
+            with psycopg.connect(PG_ADMIN, connect_timeout=3) as conn:
+                processes = min(4, int(conn.execute("SHOW max_connections").fetchone()[0]) // CONNECTIONS_PER_PROCESS)
+        except psycopg.OperationalError:
+            processes = 4  # no PostgreSQL: its tests skip
+    return processes if processes > 1 else 0
+
+
 # The servers a module starts once for its tests (module-scoped fixtures, or session-scoped ones of its own).
 SHARED_SCOPES = {"class", "module", "package"}
 HEAVY = ("slow", "browser", "interop")
