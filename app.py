@@ -337,6 +337,7 @@ def _init_provider(app: Flask) -> None:
                 "strict": cfg["STANDIN_STRICT"],
                 "narrows_quietly": cfg["STANDIN_NARROWS_QUIETLY"],
                 "introspects_access_only": cfg["STANDIN_INTROSPECTS_ACCESS_ONLY"],
+                "grant_per_authorization": cfg["STANDIN_GRANT_PER_AUTHORIZATION"],
             }
         )
         mount = urlsplit(issuer).path.rstrip("/")
