@@ -10,6 +10,7 @@
   var current = null; // {token, scope, expiresAt, renewAt} in client milliseconds
   var received = []; // tokens this page got, newest first
   var timer = null;
+  var AUTHORIZED_AT = "viewer-authorized-at"; // sessionStorage: when this tab last went through the provider for a token
 
   function $(id) { return document.getElementById(id); }
 
@@ -47,6 +48,7 @@
     clearTimeout(timer);
     getToken()
       .then(function (body) {
+        sessionStorage.removeItem(AUTHORIZED_AT);
         var now = Date.now();
         var isNew = !current || current.token !== body.access_token;
         // The server hands out the same token until it is within the leeway of expiry, so ask just after that.
@@ -78,13 +80,13 @@
   }
 
   // With OAUTH_VIEWER_TOKEN=authorize the token comes from an authorization of its own: the page goes
-  // through the provider for a new one and comes back. Not twice in a row without a token in between,
-  // so a provider whose tokens are stale on arrival cannot keep the browser going round.
-  var AUTHORIZED_AT = "viewer-authorized-at";
+  // through the provider for a new one and comes back. Not twice in a row without a token in between
+  // (the mark is cleared when one arrives), so a provider whose tokens are stale on arrival cannot keep
+  // the browser going round.
   function authorize(href) {
     var target = href + "?next=" + encodeURIComponent(location.pathname + location.search);
     var last = Number(sessionStorage.getItem(AUTHORIZED_AT)) || 0;
-    if (!current && Date.now() - last < 15000) {
+    if (Date.now() - last < 60000) {
       say("The provider gave the viewer no token that lasts.", "warn", { href: target, text: "Try again" });
       return;
     }
