@@ -185,8 +185,8 @@ VIEWER_INTERACTION = (
     "(to sign in there again, or to allow this app to show your models)."
 )
 VIEWER_NOT_YOU = (
-    "You are still signed in here as yourself. This browser is signed in at the provider as someone else: "
-    "sign out there (or sign in there as yourself), then open the viewer again."
+    "You are still signed in here as yourself. The provider answered for someone else (this browser may be signed in there "
+    "as another person), or did not say for whom: sign out there, or sign in there as yourself, then open the viewer again."
 )
 
 
@@ -210,7 +210,7 @@ def _viewer_token(flow: dict) -> Response | tuple[str, int]:
     try:
         viewer_authorization.store(g.session.user_id, request.args["code"], redirect_uri(), flow, trigger=f"{request.method} {request.path}")
     except viewer_authorization.NotThePerson:
-        return _failed(403, "The provider answered for someone else", VIEWER_NOT_YOU)
+        return _failed(403, "The provider's answer is not for you", VIEWER_NOT_YOU)
     except ProviderUnavailable:
         return _failed(503, "The provider is not answering right now.", "You are still signed in. Please try again in a moment.", retry=again)
     except (InvalidGrant, ProviderRejected):
