@@ -51,9 +51,11 @@ def by_authorization() -> bool:
 
 def narrowed_grant(granted: str | None) -> bool:
     """Tell whether a full refresh came back with nothing beyond the viewer scope, although sign-in asks for more."""
+    if by_authorization():
+        return False  # no narrowed refresh is ever asked for
     viewer = set(current_app.config["OAUTH_VIEWER_SCOPE"].split())
     asked = set(current_app.config["OAUTH_SCOPES"].split())
-    if granted is None or not viewer or not asked - viewer or by_authorization():
+    if granted is None or not viewer or not asked - viewer:
         return False  # a provider that does not say what it granted cannot be judged, and is trusted
     return set(granted.split()) <= viewer
 
