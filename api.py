@@ -11,6 +11,7 @@ import events
 import grants
 import policy
 import tokens
+import viewer_authorization
 from models import utcnow
 from sessions import Person
 
@@ -75,10 +76,21 @@ def viewer_token():
     if downscope.viewer_scope(user) is None:
         message = "This app hands out no viewer token: OAUTH_VIEWER_SCOPE is empty, or the provider narrows the whole grant when asked for one."
         return jsonify(error="viewer_token_off", message=message), 404
-    token = tokens.viewer_token(g.account(), trigger=f"{request.method} {request.path}")
+    try:
+        token = _viewer_token()
+    except viewer_authorization.AuthorizationNeeded:
+        message = "The viewer's token comes from an authorization of its own at the provider: send the browser to authorize_url (with ?next=) for a new one."
+        return jsonify(error="viewer_authorization_needed", message=message, authorize_url=url_for("auth.viewer")), 401
     grants.hand_out(g.account(), g.session.id_hash, token.access_token, token.expires_at)
     expires_in = max(0, int((token.expires_at - utcnow()).total_seconds()))
     return jsonify(access_token=token.access_token, expires_in=expires_in, scope=token.scope)
+
+
+def _viewer_token() -> tokens.ViewerToken:
+    """Return the viewer's token: the stored one from its own authorization, or one from a narrowed refresh of the person's grant."""
+    if viewer_authorization.enabled():
+        return viewer_authorization.token(g.account())
+    return tokens.viewer_token(g.account(), trigger=f"{request.method} {request.path}")
 
 
 def _signed_in() -> Person:

@@ -4,6 +4,7 @@ import contextlib
 import os
 import select
 import sqlite3
+from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlsplit
 
 import psycopg
@@ -320,6 +321,8 @@ def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record) -> None:
 def _init_provider(app: Flask) -> None:
     cfg = app.config
     http = requests.Session()
+    # One client serves everyone: a cookie the provider set while answering for one person would go with the next person's calls.
+    http.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     issuer = cfg["OAUTH_ISSUER"]
     if cfg["OAUTH_BACKCHANNEL_URL"] and cfg["OAUTH_PROVIDER"] != "standin":
         http.mount(f"{issuer}/", BackChannel(issuer, cfg["OAUTH_BACKCHANNEL_URL"]))
@@ -334,6 +337,7 @@ def _init_provider(app: Flask) -> None:
                 "strict": cfg["STANDIN_STRICT"],
                 "narrows_quietly": cfg["STANDIN_NARROWS_QUIETLY"],
                 "introspects_access_only": cfg["STANDIN_INTROSPECTS_ACCESS_ONLY"],
+                "grant_per_authorization": cfg["STANDIN_GRANT_PER_AUTHORIZATION"],
             }
         )
         mount = urlsplit(issuer).path.rstrip("/")

@@ -19,6 +19,7 @@ import policy
 import sessions
 import signout
 import tokens
+import viewer_authorization
 from grants import SignInRequired
 from locking import LockTimeout
 from models import db
@@ -77,13 +78,45 @@ def _may_resume_silently() -> bool:
     return g.cookie_session is not None and g.session is None and signout.reason() is None
 
 
+@bp.get("/viewer")
+@policy.sign_in_flow
+@policy.rate_limited("signin_limiter")
+def viewer() -> Response:
+    """Send the browser to the provider for the viewer's token alone (OAUTH_VIEWER_TOKEN=authorize), silently unless asked not to.
+
+    It changes nothing here: only the provider's answer to this browser's state stores a token
+    (the callback), and that one never touches the person's grant or session.
+    """
+    next_path = safe_next(request.args.get("next") or url_for("pages.viewer"))
+    if not viewer_authorization.enabled():
+        abort(404, "This app does not get the viewer's token by an authorization of its own.")
+    if g.session is None:
+        return redirect(url_for("auth.login", next=next_path))
+    silent = request.args.get("interactive") != "1"
+    scope, verifier = viewer_authorization.scope(), secrets.token_urlsafe(64)
+    nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
+    flow = {"state": secrets.token_urlsafe(32), "verifier": verifier, "next": next_path, "silent": silent, "at": int(time.time())}
+    # The person it is for, and the nonce their ID token must carry: the callback checks both.
+    flow |= {"viewer_for": g.session.user_id, "nonce": nonce}
+    provider = current_app.extensions["provider"]
+    prompt = "none" if silent else None
+    url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt=prompt)
+    response = redirect(url)
+    flows = _read_flows()
+    flows["open"].append(flow)
+    _write_flows(response, flows)
+    return response
+
+
 @bp.get("/callback")
 @policy.sign_in_flow
 @policy.rate_limited("signin_limiter")
 def callback() -> Response:
-    """Finish sign-in: check state, exchange the code, read the person, start a session."""
+    """Finish sign-in: check state, exchange the code, read the person, start a session (or, for the viewer's authorization, store its token)."""
     flows = _read_flows()
     flow = _use_flow(flows, request.args.get("state", ""))
+    if flow is not None and "viewer_for" in flow:
+        return _viewer_reply(flow) or _viewer_token(flow)
     answer = _unknown_flow(flows) if flow is None else _refused_reply(flow)
     if answer is not None:
         return answer
@@ -133,12 +166,56 @@ def _refused_reply(flow: dict) -> tuple[str, int] | None:
         return _silent_failed(again)
     if "error" in args:
         return _failed(400, "The provider did not sign you in.", _provider_error_text(args["error"]), retry=again)
+    return _unusable_reply(again)
+
+
+def _unusable_reply(again: str) -> tuple[str, int] | None:
+    """Answer a reply from another provider, or one without a code; None for one to exchange."""
+    args = request.args
     if "iss" in args and args["iss"] != current_app.extensions["provider"].endpoints.issuer:
         # RFC 9207: the reply came from another authorization server than the one we asked.
         return _failed(400, "The sign-in reply came from an unexpected provider.", "Please start again.", retry=again)
     if not args.get("code"):
         return _failed(400, "The provider's reply had no authorization code.", "Please start again.", retry=again)
     return None
+
+
+VIEWER_INTERACTION = (
+    "You are still signed in here. To give the viewer its token, the provider needs you on its own pages first "
+    "(to sign in there again, or to allow this app to show your models)."
+)
+VIEWER_NOT_YOU = (
+    "You are still signed in here as yourself. The provider answered for someone else (this browser may be signed in there "
+    "as another person), or did not say for whom: sign out there, or sign in there as yourself, then open the viewer again."
+)
+
+
+def _viewer_reply(flow: dict) -> tuple[str, int] | None:
+    """Answer a reply to the viewer's authorization that brings no usable code; the person's sign-in stands whatever it says."""
+    args, again = request.args, url_for("auth.viewer", next=flow["next"])
+    if args.get("error") in INTERACTION_ERRORS:
+        # The provider wants to see the person: the same authorization, with its pages this time.
+        return _failed(200, "The provider needs you first", VIEWER_INTERACTION, retry=url_for("auth.viewer", next=flow["next"], interactive=1))
+    if "error" in args:
+        return _failed(400, "The provider gave no token for the viewer.", _provider_error_text(args["error"]), retry=again)
+    return _unusable_reply(again)
+
+
+def _viewer_token(flow: dict) -> Response | tuple[str, int]:
+    """Store the viewer's token from its own authorization, for the person who started it, and go back to the viewer."""
+    again = url_for("auth.viewer", next=flow["next"])
+    if g.session is None or g.session.user_id != flow["viewer_for"]:
+        # Signed out, or someone else signed in on this browser, since this authorization started.
+        return _failed(400, "This viewer authorization was started by another sign-in.", "Please sign in, then open the viewer again.")
+    try:
+        viewer_authorization.store(g.session.user_id, request.args["code"], redirect_uri(), flow, trigger=f"{request.method} {request.path}")
+    except viewer_authorization.NotThePerson:
+        return _failed(403, "The provider's answer is not for you", VIEWER_NOT_YOU)
+    except ProviderUnavailable:
+        return _failed(503, "The provider is not answering right now.", "You are still signed in. Please try again in a moment.", retry=again)
+    except (InvalidGrant, ProviderRejected):
+        return _failed(400, "The provider refused the viewer's token.", "You are still signed in. Please try again.", retry=again)
+    return redirect(flow["next"])
 
 
 def _exchange(flow: dict) -> tuple[TokenResponse, dict] | Response:
@@ -204,7 +281,14 @@ def _storable(claim: object) -> str:
 
 
 def _prefetch_viewer_token(user) -> None:
-    """Get the shareable viewer token right after sign-in, when the grant covers the viewer scope."""
+    """Get the shareable viewer token right after sign-in, when the grant covers the viewer scope.
+
+    A viewer token that needs an authorization of its own (OAUTH_VIEWER_TOKEN=authorize) is got when
+    the viewer first asks for it instead: the sign-in stays one trip through the provider, and a
+    provider that wants to see the person again then never stands between them and their page.
+    """
+    if downscope.by_authorization():
+        return
     scope = downscope.viewer_scope(user)
     if scope is None or not set(scope.split()) <= set(current_app.config["OAUTH_SCOPES"].split()):
         return

@@ -38,6 +38,9 @@ STANDIN_CLIENT_SECRET = "standin-secret"
 MIN_SECRET_KEY_BYTES = 32
 
 LOG_FORMATS = ("text", "json")
+# How the browser's viewer gets its narrowed token: a narrowed refresh of the person's grant, or an
+# authorization of its own (prompt=none) for just the viewer scope, apart from the person's grant.
+VIEWER_TOKEN_MODES = ("refresh", "authorize")
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off"}
@@ -102,6 +105,7 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         "OAUTH_CLIENT_SECRET": client_secret,
         "OAUTH_SCOPES": env("OAUTH_SCOPES") or DEFAULT_SCOPES[provider],
         "OAUTH_VIEWER_SCOPE": env("OAUTH_VIEWER_SCOPE", "viewables:read"),
+        "OAUTH_VIEWER_TOKEN": _viewer_token_mode(env("OAUTH_VIEWER_TOKEN") or "refresh"),
         "OAUTH_REDIRECT_URI": redirect_uri,
         "OAUTH_USERINFO_URL": userinfo_url,
         # For a provider whose discovery documents name no revocation endpoint (sign-out then cannot revoke).
@@ -129,6 +133,8 @@ def load(environ: Mapping[str, str], instance_path: str) -> dict:
         # Two habits of real providers, to test the app against: see the README's provider table.
         "STANDIN_NARROWS_QUIETLY": _bool(environ, "STANDIN_NARROWS_QUIETLY", False),
         "STANDIN_INTROSPECTS_ACCESS_ONLY": _bool(environ, "STANDIN_INTROSPECTS_ACCESS_ONLY", False),
+        # The stand-in makes every authorization a grant of its own, as OpenID providers do, instead of APS's one per person per app.
+        "STANDIN_GRANT_PER_AUTHORIZATION": _bool(environ, "STANDIN_GRANT_PER_AUTHORIZATION", False),
         "SIGNIN_RATE_LIMIT": env("SIGNIN_RATE_LIMIT", "20/minute"),
         # Back-channel logout requests per address and worker (OAUTH_PROVIDER=oidc); "off" disables the limit.
         "BACKCHANNEL_LOGOUT_RATE_LIMIT": env("BACKCHANNEL_LOGOUT_RATE_LIMIT", "60/minute"),
@@ -157,8 +163,24 @@ def check(config: Mapping) -> None:
         raise ConfigError("TOKEN_ENCRYPTION_KEYS must be set in production.")
     if config["OAUTH_PROVIDER"] != "standin" and not config.get("OAUTH_CLIENT_SECRET"):
         raise ConfigError("OAUTH_CLIENT_SECRET must be set for a confidential client.")
+    if config.get("OAUTH_VIEWER_TOKEN") == "authorize":
+        _check_viewer_authorization(config)
     if config["APP_ENV"] == "production":
         _check_production(config)
+
+
+def _check_viewer_authorization(config: Mapping) -> None:
+    """Refuse a second authorization for the viewer where it would end the person's sign-in: APS, and the stand-in acting as APS."""
+    if config["OAUTH_PROVIDER"] == "autodesk":
+        raise ConfigError(
+            "OAUTH_VIEWER_TOKEN=authorize cannot be used with OAUTH_PROVIDER=autodesk: APS keeps one refresh token per person per app, "
+            "so a second authorization would end the person's sign-in; use OAUTH_VIEWER_TOKEN=refresh."
+        )
+    if config["OAUTH_PROVIDER"] == "standin" and not config.get("STANDIN_GRANT_PER_AUTHORIZATION"):
+        raise ConfigError(
+            "OAUTH_VIEWER_TOKEN=authorize needs STANDIN_GRANT_PER_AUTHORIZATION=true: otherwise the stand-in keeps one refresh token "
+            "per person, as APS does, and a second authorization would end the person's sign-in."
+        )
 
 
 def _check_production(config: Mapping) -> None:
@@ -249,6 +271,12 @@ def _paths(raw: str | None) -> tuple[str, ...]:
         if not all(seg == "*" or re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", seg) for seg in template.strip("/").split("/")):
             raise ConfigError(f"APS_PROXY_PATHS holds path templates such as data/v1/projects/*/folders/*/contents, got {template!r}.")
     return tuple(t.strip("/") for t in templates)
+
+
+def _viewer_token_mode(value: str) -> str:
+    if value not in VIEWER_TOKEN_MODES:
+        raise ConfigError(f"OAUTH_VIEWER_TOKEN must be refresh or authorize, got {value!r}.")
+    return value
 
 
 def log_format(environ: Mapping[str, str]) -> str:

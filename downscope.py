@@ -7,7 +7,8 @@ The app notices at the next full refresh (it comes back with nothing beyond the 
 that grant, stops downscoping at this provider and asks the person to sign in once more. The database
 keeps the fact as a refresh event, so every worker and instance stops too. A provider that names no
 scope in its replies is found out by a resource server instead: insufficient_scope to the token of the
-first full refresh after a narrowed one (narrowed_quietly, bearer.py).
+first full refresh after a narrowed one (narrowed_quietly, bearer.py). With OAUTH_VIEWER_TOKEN=authorize
+no narrowed refresh is asked for at all: the viewer's token comes from an authorization of its own.
 """
 
 import contextlib
@@ -32,15 +33,26 @@ RECHECK_SECONDS = 60
 
 
 def viewer_scope(user: User) -> str | None:
-    """Return the scope to narrow the viewer token to, or None when the viewer token is off (OAUTH_VIEWER_SCOPE empty, or a narrowing provider)."""
+    """Return the scope to narrow the viewer token to, or None when the viewer token is off (OAUTH_VIEWER_SCOPE empty, or a narrowing provider).
+
+    With OAUTH_VIEWER_TOKEN=authorize the viewer's token comes from an authorization of its own, which
+    narrows no grant: a narrowing seen before does not turn it off.
+    """
     scope = current_app.config["OAUTH_VIEWER_SCOPE"].strip()
-    if not scope or _narrowing_seen(user):
+    if not scope or (not by_authorization() and _narrowing_seen(user)):
         return None
     return scope
 
 
+def by_authorization() -> bool:
+    """Tell whether the viewer's token comes from an authorization of its own (viewer_authorization.py), never from a narrowed refresh."""
+    return current_app.config["OAUTH_VIEWER_TOKEN"] == "authorize"
+
+
 def narrowed_grant(granted: str | None) -> bool:
     """Tell whether a full refresh came back with nothing beyond the viewer scope, although sign-in asks for more."""
+    if by_authorization():
+        return False  # no narrowed refresh is ever asked for
     viewer = set(current_app.config["OAUTH_VIEWER_SCOPE"].split())
     asked = set(current_app.config["OAUTH_SCOPES"].split())
     if granted is None or not viewer or not asked - viewer:
@@ -54,8 +66,8 @@ def narrowed_quietly(user: User) -> bool:
     A provider that narrows the whole grant and names no scope in its reply cannot be caught at the
     refresh; a resource server's insufficient_scope to exactly this token gives it away.
     """
-    if not current_app.config["OAUTH_VIEWER_SCOPE"].strip():
-        return False
+    if not current_app.config["OAUTH_VIEWER_SCOPE"].strip() or by_authorization():
+        return False  # no narrowed refresh is ever asked for
     since = user.signed_in_at
     latest = {}
     for kind in ("viewer", "access"):

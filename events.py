@@ -51,6 +51,7 @@ class Outcome(enum.StrEnum):
     LOST_ROTATION = "lost_rotation"  # the provider rotated, but its reply (or our store of it) was lost
     GRANT_NARROWED = "grant_narrowed"  # a narrowed refresh narrowed the whole grant (downscope.py)
     TOKEN_REJECTED = "token_rejected"  # a resource server refuses even a fresh access token (bearer.py)
+    AUTHORIZED = "authorized"  # the viewer's token came from an authorization of its own (viewer_authorization.py)
 
 
 def record(attempt: Attempt, outcome: Outcome, *, cause: str | None = None, reason: str = "", write: bool = True) -> None:
@@ -131,8 +132,9 @@ def recent(user_id: int, count: int) -> list[RefreshEvent]:
 
 
 def last_issued(user: User, kind: str) -> datetime | None:
-    """Return when the person's access (or viewer) token was last issued: by a refresh, or by their sign-in after it."""
-    query = select(func.max(RefreshEvent.at)).where(RefreshEvent.user_id == user.id, RefreshEvent.kind == kind, RefreshEvent.outcome == Outcome.REFRESHED)
+    """Return when the person's access (or viewer) token was last issued: by a refresh (or the viewer's authorization), or by their sign-in after it."""
+    issued = (Outcome.REFRESHED, Outcome.AUTHORIZED)
+    query = select(func.max(RefreshEvent.at)).where(RefreshEvent.user_id == user.id, RefreshEvent.kind == kind, RefreshEvent.outcome.in_(issued))
     latest = db.session.execute(query).scalar_one_or_none()
     if latest is not None and latest.tzinfo is None:
         latest = latest.replace(tzinfo=UTC)  # SQLite's max() bypasses the column type

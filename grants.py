@@ -114,6 +114,12 @@ def store_rotation(user: User, kind: str, tokens: TokenResponse, scope: str | No
         db.session.execute(live.values(expires_at=user.refresh_expires_at))
 
 
+def store_viewer_token(user: User, tokens: TokenResponse, scope: str) -> None:
+    """Store the access token of the viewer's own authorization on the locked person's row; their grant stays as it is."""
+    user.viewer_token, user.viewer_scope = tokens.access_token, tokens.scope or scope
+    user.viewer_expires_at = utcnow() + timedelta(seconds=tokens.expires_in)
+
+
 def forget(user: User) -> list[tuple[str, str]]:
     """Forget a dead grant: clear the person's tokens and end every session that relied on them.
 

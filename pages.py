@@ -115,6 +115,7 @@ def viewer():
         urn=urn if aps and shown else "",
         shown=shown,
         viewer_scope=config["OAUTH_VIEWER_SCOPE"],
+        by_authorization=config["OAUTH_VIEWER_TOKEN"] == "authorize",
         full_scope=config["OAUTH_SCOPES"],
         leeway=config["TOKEN_REFRESH_LEEWAY"],
     )

@@ -150,7 +150,10 @@ def refresh_ahead(user_id: int, expires_at: datetime, trigger: str) -> None:
 
 
 def viewer_token(user: User, trigger: str) -> ViewerToken:
-    """Return the viewer-scoped access token, refreshing with the narrower scope when it is stale."""
+    """Return the viewer-scoped access token, refreshing with the narrower scope when it is stale (OAUTH_VIEWER_TOKEN=refresh).
+
+    With OAUTH_VIEWER_TOKEN=authorize the viewer's token comes from an authorization of its own instead (viewer_authorization.py).
+    """
     if is_stale(user.viewer_expires_at):
         user = refresh(user.id, "viewer", trigger)
     return ViewerToken(user.viewer_token, user.viewer_expires_at, user.viewer_scope or "")

@@ -50,8 +50,10 @@ def create_app(settings: Mapping) -> Flask:
     settings: issuer, clients ({client_id: secret}), redirect_uris (exact URIs allowed; empty
     allows only /auth/callback on the stand-in's own origin), database_url, access_ttl, strict; and
     two habits of real providers, off unless set: narrows_quietly (a narrowed refresh narrows the
-    whole grant, no reply names its scope, userinfo refuses with an empty 403) and
-    introspects_access_only (introspection answers active: false for every refresh token).
+    whole grant, no reply names its scope, userinfo refuses with an empty 403),
+    introspects_access_only (introspection answers active: false for every refresh token) and
+    grant_per_authorization (a code exchange leaves the person's other refresh tokens alone: every
+    authorization is a grant of its own, as OpenID providers keep them, not APS's one per person per app).
     """
     app = Flask(__name__)
     app.config["STANDIN"] = dict(settings)
@@ -354,8 +356,9 @@ def _code_grant(store: Store, cfg: Mapping, client_id: str) -> dict:
     if not verifier or challenge != grant["code_challenge"]:
         raise OAuthError("invalid_grant", "PKCE code_verifier does not match the code_challenge")
     with store.transaction() as conn:
-        # One refresh token per person per app: a new sign-in invalidates the previous one.
-        store.revoke_grant(conn, client_id, grant["sub"])
+        if not cfg.get("grant_per_authorization"):
+            # One refresh token per person per app: a new sign-in invalidates the previous one.
+            store.revoke_grant(conn, client_id, grant["sub"])
         body = store.issue(
             conn,
             client_id=client_id,

@@ -46,6 +46,7 @@ def create_app(environ: Mapping[str, str] = os.environ) -> DispatcherMiddleware:
             "strict": (environ.get("STANDIN_STRICT") or "").lower() in TRUE,
             "narrows_quietly": (environ.get("STANDIN_NARROWS_QUIETLY") or "").lower() in TRUE,
             "introspects_access_only": (environ.get("STANDIN_INTROSPECTS_ACCESS_ONLY") or "").lower() in TRUE,
+            "grant_per_authorization": (environ.get("STANDIN_GRANT_PER_AUTHORIZATION") or "").lower() in TRUE,
         }
     )
     return DispatcherMiddleware(NotFound(), {mount: provider})

@@ -10,6 +10,7 @@
   var current = null; // {token, scope, expiresAt, renewAt} in client milliseconds
   var received = []; // tokens this page got, newest first
   var timer = null;
+  var AUTHORIZED_AT = "viewer-authorized-at"; // sessionStorage: when this tab last went through the provider for a token
 
   function $(id) { return document.getElementById(id); }
 
@@ -27,6 +28,11 @@
   function getToken() {
     return fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin", cache: "no-store" }).then(function (reply) {
       return reply.json().then(function (body) {
+        if (reply.status === 401 && body.error === "viewer_authorization_needed") {
+          var needed = new Error(body.message);
+          needed.authorize = body.authorize_url;
+          throw needed;
+        }
         if (reply.status === 401) {
           var error = new Error("You are signed out.");
           error.signedOut = true;
@@ -42,6 +48,7 @@
     clearTimeout(timer);
     getToken()
       .then(function (body) {
+        sessionStorage.removeItem(AUTHORIZED_AT);
         var now = Date.now();
         var isNew = !current || current.token !== body.access_token;
         // The server hands out the same token until it is within the leeway of expiry, so ask just after that.
@@ -58,6 +65,10 @@
         tick();
       })
       .catch(function (error) {
+        if (error.authorize) {
+          authorize(error.authorize);
+          return;
+        }
         if (error.signedOut) {
           window.PageFormat.signedOutHeader();
           say("You are signed out.", "warn", { href: "/auth/login?next=" + encodeURIComponent(location.pathname), text: "Sign in again" });
@@ -66,6 +77,22 @@
         say(error.message + " Trying again in a few seconds.", "warn");
         timer = setTimeout(renew, 5000);
       });
+  }
+
+  // With OAUTH_VIEWER_TOKEN=authorize the token comes from an authorization of its own: the page goes
+  // through the provider for a new one and comes back. Not twice in a row without a token in between
+  // (the mark is cleared when one arrives), so a provider whose tokens are stale on arrival cannot keep
+  // the browser going round.
+  function authorize(href) {
+    var target = href + "?next=" + encodeURIComponent(location.pathname + location.search);
+    var last = Number(sessionStorage.getItem(AUTHORIZED_AT)) || 0;
+    if (Date.now() - last < 60000) {
+      say("The provider gave the viewer no token that lasts.", "warn", { href: target, text: "Try again" });
+      return;
+    }
+    sessionStorage.setItem(AUTHORIZED_AT, String(Date.now()));
+    say("Getting the viewer a new token from the provider…", "ok");
+    location.assign(target);
   }
 
   function render() {

@@ -68,6 +68,9 @@ def test_production_starts_with_secure_cookies(production):
         ({"APS_CLIENT_ID": "real-aps-client"}, "OAUTH_CLIENT_ID and APS_CLIENT_ID name one setting but differ; set only one of them."),
         ({"APS_CLIENT_SECRET": "real-aps-secret"}, "OAUTH_CLIENT_SECRET and APS_CLIENT_SECRET name one setting but differ"),
         ({"APS_CALLBACK_URL": "https://other.example/auth/callback"}, "OAUTH_REDIRECT_URI and APS_CALLBACK_URL name one setting but differ"),
+        # A second authorization at APS would end the first: one refresh token per person per app.
+        ({"OAUTH_VIEWER_TOKEN": "authorize"}, "OAUTH_VIEWER_TOKEN=authorize cannot be used with OAUTH_PROVIDER=autodesk"),
+        ({"OAUTH_VIEWER_TOKEN": "authorise"}, "OAUTH_VIEWER_TOKEN must be refresh or authorize, got 'authorise'."),
     ],
 )
 def test_production_refuses_unsafe_settings_with_one_sentence(production, change, sentence):
@@ -257,3 +260,24 @@ def test_flask_run_on_another_port_signs_in_at_the_stand_in_on_that_port(tmp_pat
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("app_env", ["development", "production"])
+def test_viewer_authorization_is_refused_wherever_a_second_authorization_ends_the_first(production, app_env, tmp_path):
+    """APS, and the stand-in acting as APS, keep one refresh token per person: OAUTH_VIEWER_TOKEN=authorize would cost a sign-in there."""
+    production.setenv("APP_ENV", app_env)
+    production.setenv("OAUTH_VIEWER_TOKEN", "authorize")
+    with pytest.raises(SystemExit, match="APS keeps one refresh token per person per app"):
+        create_app()
+    for name in ("OAUTH_PROVIDER", "OAUTH_CLIENT_ID", "OAUTH_CLIENT_SECRET", "APP_ENV"):
+        production.delenv(name)
+    production.setenv("STANDIN_DATABASE_URL", f"sqlite:///{tmp_path / 'standin.sqlite'}")
+    with pytest.raises(SystemExit, match="OAUTH_VIEWER_TOKEN=authorize needs STANDIN_GRANT_PER_AUTHORIZATION=true"):
+        create_app()
+    production.setenv("STANDIN_GRANT_PER_AUTHORIZATION", "true")
+    assert create_app().config["OAUTH_VIEWER_TOKEN"] == "authorize"
+    production.setenv("OAUTH_VIEWER_TOKEN", "refresh")
+    production.setenv("OAUTH_PROVIDER", "autodesk")
+    production.setenv("APS_CLIENT_ID", "aps-client")
+    production.setenv("APS_CLIENT_SECRET", "aps-secret")
+    assert create_app().config["OAUTH_VIEWER_TOKEN"] == "refresh"

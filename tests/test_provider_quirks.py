@@ -317,3 +317,34 @@ def test_introspection_that_calls_every_refresh_token_inactive_never_ends_a_sign
     reply = client.get("/api/profile")  # introspection says inactive: the refresh itself tells, and works
     assert reply.status_code == 200 and reply.get_json()["name"] == "Ada Lovelace"
     assert standin.refresh_token(kept)["status"] == "used" and standin.count("refresh_rejected") == 0
+
+
+class SetsCookies:
+    """Serve the stand-in, setting a cookie on every answer and noting the Cookie header of every request."""
+
+    def __init__(self, inner):
+        self.inner, self.received = inner, []
+
+    def __call__(self, environ, start_response):
+        self.received.append((environ["PATH_INFO"], environ.get("HTTP_COOKIE")))
+
+        def with_cookie(status, headers, exc_info=None):
+            return start_response(status, [*headers, ("Set-Cookie", "provider-affinity=first-caller; Path=/")], exc_info)
+
+        return self.inner(environ, with_cookie)
+
+
+def test_the_provider_client_keeps_no_cookies_between_people(app_factory, tmp_path):
+    """A cookie the provider sets while answering for one person never goes with the calls made for the next."""
+    with standin_over_http(tmp_path, SetsCookies) as (issuer, _, served):
+        app = oidc_app(app_factory, issuer, OAUTH_SCOPES="openid profile")
+        oidc_sign_in(app.test_client())  # token and userinfo answers set the cookie
+        served.received.clear()
+        client = app.test_client()
+        consent = requests.post(client.get("/auth/login").headers["Location"], data={"name": "Bo"}, allow_redirects=False, timeout=10)
+        back = urlsplit(consent.headers["Location"])
+        assert client.get(back.path, query_string=back.query).status_code == 302
+        assert client.get("/api/profile").get_json()["name"] == "Bo"
+    calls = [(path, cookie) for path, cookie in served.received if not path.startswith("/authentication/v2/authorize")]
+    assert {path for path, _ in calls} >= {"/authentication/v2/token", "/userinfo"}
+    assert [cookie for _, cookie in calls] == [None] * len(calls)

@@ -192,6 +192,15 @@ def test_new_sign_in_invalidates_the_previous_refresh_token(provider):
     assert provider.test_client().get("/userinfo", headers={"Authorization": f"Bearer {first['access_token']}"}).status_code == 200
 
 
+def test_with_a_grant_per_authorization_a_new_sign_in_leaves_the_previous_refresh_token_alone(provider):
+    """STANDIN_GRANT_PER_AUTHORIZATION: as OpenID providers keep them, not APS's one refresh token per person per app."""
+    provider.config["STANDIN"]["grant_per_authorization"] = True
+    first = signed_in(provider)
+    second = signed_in(provider)
+    assert refresh(provider, first["refresh_token"]).status_code == 200
+    assert refresh(provider, second["refresh_token"]).status_code == 200
+
+
 def test_narrowed_refresh_keeps_full_scope_in_the_new_refresh_token(provider):
     body = signed_in(provider)
     narrowed = refresh(provider, body["refresh_token"], scope="viewables:read").json

@@ -6,8 +6,16 @@ and ACCESS_TTL (seconds) in the environment. People sign in on Django's own logi
 any password: a test backend creates them) and approve on the toolkit's consent page.
 GET /_test/stats counts refresh requests by outcome, and /_test/refresh-token?token=... says whether a
 refresh token is still live and what scope it carries (the toolkit introspects access tokens only).
+
+Silent authorization (prompt=none, OpenID Connect Core §3.1.2.1) needs two things the toolkit leaves to
+its deployer: a validator that implements validate_silent_login and validate_silent_authorization (the
+toolkit's own raise NotImplementedError: a 500), and an authorization view that answers without its
+consent page once they pass (SilentAuthorizationView). Here a person signed in at the toolkit (a Django
+session) who approved this client before, for every scope asked now, is authorized silently; anyone else
+gets login_required or consent_required.
 """
 
+import contextvars
 import json
 import os
 import sys
@@ -97,11 +105,14 @@ from django.core.management import call_command  # noqa: E402
 from django.http import JsonResponse  # noqa: E402
 from django.urls import include, path  # noqa: E402
 from django.views.decorators.csrf import csrf_exempt  # noqa: E402
+from oauth2_provider.exceptions import OAuthToolkitError  # noqa: E402
 from oauth2_provider.models import RefreshToken, get_application_model  # noqa: E402
 from oauth2_provider.oauth2_validators import OAuth2Validator  # noqa: E402
-from oauth2_provider.views import TokenView  # noqa: E402
+from oauth2_provider.views import AuthorizationView, TokenView  # noqa: E402
 
 STATS = Counter()
+# The person signed in at the toolkit, for the validator's silent checks: oauthlib's request does not carry Django's.
+SIGNED_IN = contextvars.ContextVar("signed_in", default=None)
 
 
 class AnyPassword(ModelBackend):
@@ -121,6 +132,35 @@ class Validator(OAuth2Validator):
 
     def get_additional_claims(self, request):
         return {"name": request.user.username, "email": request.user.email}
+
+    def validate_silent_login(self, request):
+        """prompt=none: the person holds a session here."""
+        user = SIGNED_IN.get()
+        return user is not None and user.is_authenticated
+
+    def validate_silent_authorization(self, request):
+        """prompt=none: the person approved this client before for every scope asked now (one of their grants here, still live, covers them)."""
+        live = RefreshToken.objects.filter(user=SIGNED_IN.get(), application__client_id=request.client_id, revoked__isnull=True)
+        asked = set(request.scopes)
+        return any(token.access_token is not None and asked <= set(token.access_token.scope.split()) for token in live.select_related("access_token"))
+
+
+class SilentAuthorizationView(AuthorizationView):
+    """The toolkit's authorization view, answering an OpenID prompt=none request without its consent page: the validator decides."""
+
+    def get(self, request, *args, **kwargs):
+        prompt, scopes = request.GET.get("prompt", "").split(), request.GET.get("scope", "").split()
+        if "none" not in prompt or "openid" not in scopes:
+            return super().get(request, *args, **kwargs)
+        signed_in = SIGNED_IN.set(request.user)  # only a signed-in person gets here (LoginRequiredMixin): login_required otherwise
+        try:
+            scopes, credentials = self.validate_authorization_request(request)  # the validator's silent checks
+            uri, _headers, _body, _status = self.create_authorization_response(request=request, scopes=" ".join(scopes), credentials=credentials, allow=True)
+        except OAuthToolkitError as error:
+            return self.error_response(error, application=None)  # consent_required, login_required: back to the client
+        finally:
+            SIGNED_IN.reset(signed_in)
+        return self.redirect(uri, get_application_model().objects.get(client_id=credentials["client_id"]))
 
 
 @csrf_exempt
@@ -148,6 +188,7 @@ def refresh_token(request):
 
 urlpatterns = [
     path("o/token/", token),
+    path("o/authorize/", SilentAuthorizationView.as_view()),
     path("o/", include("oauth2_provider.urls", namespace="oauth2_provider")),
     path("accounts/login/", LoginView.as_view(template_name="admin/login.html")),
     path("admin/", admin.site.urls),

@@ -1,0 +1,196 @@
+"""The viewer's token from an authorization of its own (OAUTH_VIEWER_TOKEN=authorize), apart from the person's grant.
+
+Against the stand-in acting out a provider that narrows the whole grant at a narrowed refresh and names
+no scope (STANDIN_NARROWS_QUIETLY) and keeps a grant per authorization, as OpenID providers do.
+"""
+
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from conftest import expire_access_token, sign_in, stored_user
+from standin.store import refresh_tokens
+
+AUTHORIZE = {"OAUTH_VIEWER_TOKEN": "authorize", "STANDIN_GRANT_PER_AUTHORIZATION": True, "STANDIN_NARROWS_QUIETLY": True}
+
+
+@pytest.fixture
+def app(app_factory):
+    return app_factory(**AUTHORIZE)
+
+
+def count_refresh_calls(app, monkeypatch) -> list:
+    provider, calls = app.extensions["provider"], []
+    real = provider.refresh
+    monkeypatch.setattr(provider, "refresh", lambda *args, **kwargs: calls.append(kwargs.get("scope")) or real(*args, **kwargs))
+    return calls
+
+
+def go_to_provider(client, next_path: str = "/viewer", **args) -> dict:
+    """Start the viewer's authorization; return the authorize request's parameters."""
+    start = client.get("/auth/viewer", query_string={"next": next_path, **args})
+    assert start.status_code == 302, start.get_data(as_text=True)
+    return {k: v[0] for k, v in parse_qs(urlsplit(start.headers["Location"]).query).items()} | {"_url": start.headers["Location"]}
+
+
+def through_provider(client, next_path: str = "/viewer"):
+    """Go through the provider (silently, with its own cookie) and back; return the callback's answer."""
+    authorize = urlsplit(go_to_provider(client, next_path)["_url"])
+    answer = client.get(authorize.path, query_string=authorize.query)
+    assert answer.status_code == 302
+    back = urlsplit(answer.headers["Location"])
+    assert back.path == "/auth/callback"
+    return client.get(back.path, query_string=back.query)
+
+
+def live_grants(standin) -> list[str]:
+    with standin.engine.connect() as conn:
+        return [row.scope for row in conn.execute(refresh_tokens.select().where(refresh_tokens.c.status == "active"))]
+
+
+def test_viewer_token_comes_from_a_silent_authorization_and_the_grant_stays_whole(app, client, standin, monkeypatch):
+    calls = count_refresh_calls(app, monkeypatch)
+    sign_in(client)
+    assert calls == []  # no narrowed refresh at sign-in: nothing narrows the grant
+    granted = stored_user(app).refresh_token
+
+    needed = client.get("/api/viewer-token")
+    assert needed.status_code == 401
+    assert needed.get_json()["error"] == "viewer_authorization_needed" and needed.get_json()["authorize_url"] == "/auth/viewer"
+
+    params = go_to_provider(client)
+    assert params["prompt"] == "none" and params["scope"] == "viewables:read" and params["code_challenge_method"] == "S256"
+    assert len(params["state"]) >= 32 and params["redirect_uri"] == "http://localhost/auth/callback"
+    back = through_provider(client)
+    assert back.status_code == 302 and back.headers["Location"] == "/viewer"
+
+    viewer = client.get("/api/viewer-token").get_json()
+    assert viewer["scope"] == "viewables:read" and viewer["expires_in"] > 0
+    stored = stored_user(app)
+    assert stored.viewer_token == viewer["access_token"] and stored.refresh_token == granted  # the person's grant untouched
+    assert standin.access_token(viewer["access_token"])["scope"] == "viewables:read"
+    assert standin.refresh_token(granted)["status"] == "active"
+    assert standin.refresh_token(granted)["scope"] == "user-profile:read data:read data:write viewables:read"
+
+    # The person's refreshes keep the full scope: userinfo keeps answering, no sign-in ends.
+    for _ in range(2):
+        expire_access_token(app)
+        assert client.get("/api/profile").get_json()["name"] == "Ada Lovelace"
+    assert calls == [None, None]
+    assert standin.refresh_token(stored_user(app).refresh_token)["scope"] == "user-profile:read data:read data:write viewables:read"
+
+    # A stale viewer token is not refreshed: the browser goes through the provider again.
+    expire_access_token(app, field="viewer_expires_at")
+    assert client.get("/api/viewer-token").get_json()["error"] == "viewer_authorization_needed"
+    assert through_provider(client).status_code == 302
+    renewed = client.get("/api/viewer-token").get_json()
+    assert renewed["access_token"] != viewer["access_token"] and renewed["scope"] == "viewables:read"
+    assert calls == [None, None] and client.get("/api/session").status_code == 200
+
+
+def test_the_viewer_page_says_where_its_token_comes_from(client):
+    sign_in(client)
+    assert "authorization of its own" in client.get("/viewer").get_data(as_text=True)
+
+
+def test_a_provider_that_must_see_the_person_keeps_the_sign_in(client):
+    """login_required (the provider forgot this browser): a page with a way through the provider's own pages; the sign-in stands."""
+    sign_in(client)
+    client.delete_cookie("standin_session", path="/standin")
+    back = through_provider(client)
+    assert back.status_code == 200
+    text = back.get_data(as_text=True)
+    assert "You are still signed in here" in text and "/auth/viewer?next=/viewer&amp;interactive=1" in text
+    assert client.get("/api/session").status_code == 200
+    # The way through the provider's pages: its sign-in form, no prompt=none.
+    assert "prompt" not in go_to_provider(client, interactive="1")
+
+
+@pytest.mark.parametrize("error", ["login_required", "consent_required", "interaction_required", "access_denied", "server_error"])
+def test_an_error_reply_is_a_clear_answer_and_the_sign_in_stands(client, error):
+    sign_in(client)
+    state = go_to_provider(client)["state"]
+    reply = client.get("/auth/callback", query_string={"state": state, "error": error, "error_description": "<script>x</script>"})
+    assert reply.status_code == (200 if error.endswith("_required") else 400)
+    assert "<script>x" not in reply.get_data(as_text=True)
+    assert client.get("/api/session").get_json()["user"]["name"] == "Ada Lovelace"
+    assert stored_user(client.application).refresh_token is not None
+
+
+def test_a_reply_for_another_person_is_refused_and_stores_nothing(client, standin):
+    """The browser is signed in at the provider as someone else: their token is refused (and revoked), the person's sign-in stands."""
+    sign_in(client)
+    granted = stored_user(client.application).refresh_token
+    # Bob signs in at the provider in this browser (its cookie now names him), and never comes back here.
+    login = urlsplit(client.get("/auth/login").headers["Location"])
+    assert client.post(login.path, query_string=login.query, data={"name": "Bob"}).status_code == 302
+    answer = through_provider(client)
+    assert answer.status_code == 403 and "someone else" in answer.get_data(as_text=True)
+    me = client.get("/api/session").get_json()
+    assert me["user"]["name"] == "Ada Lovelace"
+    ada = stored_user(client.application)
+    assert ada.refresh_token == granted and ada.viewer_token is None
+    assert client.get("/api/viewer-token").status_code == 401
+    assert live_grants(standin) == ["user-profile:read data:read data:write viewables:read"]  # Bob's viewer token was revoked too
+
+
+def test_a_replayed_or_forged_state_changes_nothing(client):
+    sign_in(client)
+    params = go_to_provider(client)
+    forged = client.get("/auth/callback", query_string={"state": "forged", "code": "anything"})
+    assert forged.status_code == 400
+    authorize = urlsplit(params["_url"])
+    callback = urlsplit(client.get(authorize.path, query_string=authorize.query).headers["Location"])
+    assert client.get(callback.path, query_string=callback.query).status_code == 302
+    token = stored_user(client.application).viewer_token
+    replayed = client.get(callback.path, query_string=callback.query)
+    assert replayed.status_code == 302 and replayed.headers["Location"] == "/viewer"  # a reloaded callback goes where it led
+    assert stored_user(client.application).viewer_token == token
+    assert client.get("/api/session").status_code == 200
+
+
+def test_a_state_from_another_browser_is_refused(app, client):
+    """State binds the reply to the browser that started the authorization."""
+    sign_in(client)
+    authorize = urlsplit(go_to_provider(client)["_url"])
+    callback = urlsplit(client.get(authorize.path, query_string=authorize.query).headers["Location"])
+    other = app.test_client()
+    sign_in(other, name="Eve")
+    stolen = other.get(callback.path, query_string=callback.query)
+    assert stolen.status_code == 302 and stolen.headers["Location"] == "/"  # none of its own: signed in, it simply goes home
+    assert stored_user(app, "Eve").viewer_token is None and stored_user(app).viewer_token is None
+
+
+@pytest.mark.parametrize("next_path", ["https://evil.example/", "//evil.example/", "/\\evil.example", "/%5Cevil.example"])
+def test_next_off_site_goes_home(client, next_path):
+    sign_in(client)
+    assert through_provider(client, next_path).headers["Location"] == "/"
+
+
+def test_a_signed_out_browser_signs_in_first(client):
+    start = client.get("/auth/viewer", query_string={"next": "/viewer"})
+    assert start.status_code == 302 and start.headers["Location"] == "/auth/login?next=/viewer"
+
+
+def test_a_reply_after_the_person_signed_out_stores_nothing(client):
+    sign_in(client)
+    authorize = urlsplit(go_to_provider(client)["_url"])
+    callback = urlsplit(client.get(authorize.path, query_string=authorize.query).headers["Location"])
+    csrf = client.get("/api/session").get_json()["csrf_token"]
+    client.post("/auth/logout", data={"csrf_token": csrf})
+    assert client.get(callback.path, query_string=callback.query).status_code == 400
+    assert stored_user(client.application).viewer_token is None
+
+
+def test_the_viewer_authorization_exists_only_when_chosen(app_factory):
+    client = app_factory().test_client()
+    sign_in(client)
+    assert client.get("/auth/viewer").status_code == 404
+    assert client.get("/api/viewer-token").status_code == 200  # a narrowed refresh, as before
+
+
+def test_an_empty_viewer_scope_still_turns_the_viewer_off(app_factory):
+    client = app_factory(**AUTHORIZE, OAUTH_VIEWER_SCOPE="").test_client()
+    sign_in(client)
+    assert client.get("/api/viewer-token").get_json()["error"] == "viewer_token_off"
+    assert client.get("/auth/viewer").status_code == 404
