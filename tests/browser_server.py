@@ -52,8 +52,11 @@ def playwright_session() -> Iterator:
     Playwright may return while its driver is still exiting; the driver's Popen object would then be
     collected while the process runs, which warns (an error under pytest's filterwarnings=error).
     """
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # The suite runs on several processes on 2 cores: a page that goes through a provider and back may
+    # take longer than the 5 s an expectation waits by default.
+    expect.set_options(timeout=20_000)
     manager = sync_playwright()
     with manager as playwright:
         try:
