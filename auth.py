@@ -23,7 +23,7 @@ import viewer_authorization
 from grants import SignInRequired
 from locking import LockTimeout
 from models import db
-from provider import InvalidGrant, ProviderError, ProviderRejected, ProviderUnavailable, TokenResponse
+from provider import InvalidGrant, ProviderError, ProviderRejected, ProviderUnavailable, TokenResponse, subject_of
 from redirects import safe_next
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
@@ -172,7 +172,7 @@ def _refused_reply(flow: dict) -> tuple[str, int] | None:
 def _unusable_reply(again: str) -> tuple[str, int] | None:
     """Answer a reply from another provider, or one without a code; None for one to exchange."""
     args = request.args
-    if "iss" in args and args["iss"] != current_app.extensions["provider"].endpoints.issuer:
+    if "iss" in args and not current_app.extensions["provider"].is_issuer(args["iss"]):
         # RFC 9207: the reply came from another authorization server than the one we asked.
         return _failed(400, "The sign-in reply came from an unexpected provider.", "Please start again.", retry=again)
     if not args.get("code"):
@@ -186,8 +186,22 @@ VIEWER_INTERACTION = (
 )
 VIEWER_NOT_YOU = (
     "You are still signed in here as yourself. The provider answered for someone else (this browser may be signed in there "
-    "as another person), or did not say for whom: sign out there, or sign in there as yourself, then open the viewer again."
+    "as another person): sign out there, or sign in there as yourself, then open the viewer again."
 )
+VIEWER_UNKNOWN = (
+    "You are still signed in here. The provider's answer did not say whose it is, so the viewer got nothing from it. "
+    "Please try again; if this keeps happening, the app's administrator should check the provider's ID tokens or introspection."
+)
+VIEWER_TOO_WIDE = (
+    "You are still signed in here. The provider granted more than the viewer may hold, so that token was revoked and the "
+    "viewer got nothing. The app's administrator should make OAUTH_VIEWER_SCOPE match what the provider grants."
+)
+# How each refusal of the viewer authorization's answer is shown: status, title, detail.
+VIEWER_REFUSALS = {
+    viewer_authorization.NotThePerson: (403, "The provider's answer is not for you", VIEWER_NOT_YOU),
+    viewer_authorization.PersonUnknown: (403, "The provider did not say who you are", VIEWER_UNKNOWN),
+    viewer_authorization.ScopeTooWide: (502, "The provider gave more than the viewer may hold", VIEWER_TOO_WIDE),
+}
 
 
 def _viewer_reply(flow: dict) -> tuple[str, int] | None:
@@ -209,10 +223,16 @@ def _viewer_token(flow: dict) -> Response | tuple[str, int]:
         return _failed(400, "This viewer authorization was started by another sign-in.", "Please sign in, then open the viewer again.")
     try:
         viewer_authorization.store(g.session.user_id, request.args["code"], redirect_uri(), flow, trigger=f"{request.method} {request.path}")
-    except viewer_authorization.NotThePerson:
-        return _failed(403, "The provider's answer is not for you", VIEWER_NOT_YOU)
+    except viewer_authorization.SignedOut:
+        return redirect(flow["next"])  # the page it leads to says so
+    except viewer_authorization.Refused as refusal:
+        status, title, detail = VIEWER_REFUSALS[type(refusal)]
+        return _failed(status, title, detail, retry=again)
     except ProviderUnavailable:
         return _failed(503, "The provider is not answering right now.", "You are still signed in. Please try again in a moment.", retry=again)
+    except LockTimeout:
+        # The code is used up: Try again starts a new authorization, never this callback again.
+        return _failed(503, "Please try again in a moment", "Your sign-in is busy being renewed; you are still signed in.", retry=again)
     except (InvalidGrant, ProviderRejected):
         return _failed(400, "The provider refused the viewer's token.", "You are still signed in. Please try again.", retry=again)
     return redirect(flow["next"])
@@ -242,8 +262,7 @@ def _exchange(flow: dict) -> tuple[TokenResponse, dict] | Response:
 
 def _sign_in(flow: dict, grant: TokenResponse, info: dict) -> Response | tuple[str, int]:
     """Store the grant for the person the provider named and start this browser's session, then go where the sign-in led."""
-    subject = info.get("sub")
-    subject = str(subject) if isinstance(subject, str | int) and not isinstance(subject, bool) else ""
+    subject = subject_of(info.get("sub"))
     if not subject or _storable(subject) != subject:
         # The subject is the person's identity: cleaning it could make two people one. Keep nothing of the grant.
         grants.revoke([(grant.refresh_token, "refresh_token"), (grant.access_token, "access_token")])

@@ -115,8 +115,8 @@ def store_rotation(user: User, kind: str, tokens: TokenResponse, scope: str | No
 
 
 def store_viewer_token(user: User, tokens: TokenResponse, scope: str) -> None:
-    """Store the access token of the viewer's own authorization on the locked person's row; their grant stays as it is."""
-    user.viewer_token, user.viewer_scope = tokens.access_token, tokens.scope or scope
+    """Store the access token of the viewer's own authorization, granted this scope, on the locked person's row; their grant stays as it is."""
+    user.viewer_token, user.viewer_scope = tokens.access_token, scope
     user.viewer_expires_at = utcnow() + timedelta(seconds=tokens.expires_in)
 
 

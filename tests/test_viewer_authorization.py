@@ -4,11 +4,16 @@ Against the stand-in acting out a provider that narrows the whole grant at a nar
 no scope (STANDIN_NARROWS_QUIETLY) and keeps a grant per authorization, as OpenID providers do.
 """
 
+import dataclasses
+import logging
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+import grants
 from conftest import expire_access_token, sign_in, stored_user
+from locking import LockTimeout
+from provider import ProviderUnavailable
 from standin.store import refresh_tokens
 
 AUTHORIZE = {"OAUTH_VIEWER_TOKEN": "authorize", "STANDIN_GRANT_PER_AUTHORIZATION": True, "STANDIN_NARROWS_QUIETLY": True}
@@ -24,6 +29,24 @@ def count_refresh_calls(app, monkeypatch) -> list:
     real = provider.refresh
     monkeypatch.setattr(provider, "refresh", lambda *args, **kwargs: calls.append(kwargs.get("scope")) or real(*args, **kwargs))
     return calls
+
+
+def capture_exchanges(app, monkeypatch, change=lambda reply: reply) -> list:
+    """Keep every code exchange's reply as the app gets it, changed as the test wants."""
+    provider, replies = app.extensions["provider"], []
+    real = provider.exchange_code
+
+    def exchange(*args, **kwargs):
+        replies.append(change(real(*args, **kwargs)))
+        return replies[-1]
+
+    monkeypatch.setattr(provider, "exchange_code", exchange)
+    return replies
+
+
+def refusals(caplog) -> list[str]:
+    """Return the warnings logged about refused viewer authorizations."""
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "viewer_authorization_refused" in r.getMessage()]
 
 
 def go_to_provider(client, next_path: str = "/viewer", **args) -> dict:
@@ -117,14 +140,18 @@ def test_an_error_reply_is_a_clear_answer_and_the_sign_in_stands(client, error):
     assert stored_user(client.application).refresh_token is not None
 
 
-def test_a_reply_for_another_person_is_refused_and_stores_nothing(client, standin):
+def test_a_reply_for_another_person_is_refused_and_stores_nothing(app, client, standin, monkeypatch, caplog):
     """The browser is signed in at the provider as someone else: their token is refused (and revoked), the person's sign-in stands."""
     sign_in(client)
     granted = stored_user(client.application).refresh_token
     # Bob signs in at the provider in this browser (its cookie now names him), and never comes back here.
     login = urlsplit(client.get("/auth/login").headers["Location"])
     assert client.post(login.path, query_string=login.query, data={"name": "Bob"}).status_code == 302
+    replies = capture_exchanges(app, monkeypatch)
     answer = through_provider(client)
+    assert standin.access_token(replies[0].access_token) is None  # Bob's viewer access token, revoked
+    assert standin.refresh_token(replies[0].refresh_token)["status"] == "revoked"
+    assert f'"user_id": {stored_user(app).id}' in refusals(caplog)[0] and replies[0].access_token not in caplog.text
     assert answer.status_code == 403 and "someone else" in answer.get_data(as_text=True)
     me = client.get("/api/session").get_json()
     assert me["user"]["name"] == "Ada Lovelace"
@@ -172,14 +199,97 @@ def test_a_signed_out_browser_signs_in_first(client):
     assert start.status_code == 302 and start.headers["Location"] == "/auth/login?next=/viewer"
 
 
-def test_a_reply_after_the_person_signed_out_stores_nothing(client):
+def test_a_reply_after_the_person_signed_out_stores_nothing_and_is_revoked(app, client, standin, monkeypatch):
+    """The person signs out everywhere (on another device) while the provider answers this browser: nothing is kept of that answer."""
     sign_in(client)
-    authorize = urlsplit(go_to_provider(client)["_url"])
-    callback = urlsplit(client.get(authorize.path, query_string=authorize.query).headers["Location"])
-    csrf = client.get("/api/session").get_json()["csrf_token"]
-    client.post("/auth/logout", data={"csrf_token": csrf})
-    assert client.get(callback.path, query_string=callback.query).status_code == 400
-    assert stored_user(client.application).viewer_token is None
+    other = app.test_client()
+    sign_in(other)  # the same person on another device
+    csrf = other.get("/api/session").get_json()["csrf_token"]
+
+    def signed_out_meanwhile(reply):
+        assert other.post("/auth/logout-everywhere", data={"csrf_token": csrf}).status_code == 302
+        return reply
+
+    replies = capture_exchanges(app, monkeypatch, signed_out_meanwhile)
+    answer = through_provider(client)
+    assert answer.status_code == 302 and answer.headers["Location"] == "/viewer"  # a page that says the person is signed out
+    ada = stored_user(app)
+    assert ada.refresh_token is None and ada.viewer_token is None
+    assert standin.access_token(replies[0].access_token) is None
+    assert standin.refresh_token(replies[0].refresh_token)["status"] == "revoked"
+    assert client.get("/api/viewer-token").status_code == 401
+
+
+def test_an_unknown_person_keeps_the_sign_in_and_revokes_only_the_viewer_access_token(app, client, standin, monkeypatch, caplog):
+    """Introspection does not say whose the tokens are: the refresh token may belong to the person's own grant, so it is left alone."""
+    sign_in(client)
+    granted = stored_user(app).refresh_token
+    provider = app.extensions["provider"]
+    monkeypatch.setattr(provider, "introspect", lambda token: {"active": True, "sub": True})  # a bool is no subject
+    replies = capture_exchanges(app, monkeypatch)
+    answer = through_provider(client)
+    assert answer.status_code == 403 and "did not say" in answer.get_data(as_text=True)
+    assert "/auth/viewer?next=/viewer" in answer.get_data(as_text=True)
+    assert standin.access_token(replies[0].access_token) is None
+    assert standin.refresh_token(replies[0].refresh_token)["status"] == "active"  # never revoked on an unknown subject
+    assert stored_user(app).refresh_token == granted and stored_user(app).viewer_token is None
+    assert client.get("/api/session").status_code == 200
+    assert len(refusals(caplog)) == 1 and replies[0].access_token not in caplog.text
+
+
+def test_introspection_that_fails_is_a_503_and_the_sign_in_stands(app, client, standin, monkeypatch, caplog):
+    sign_in(client)
+    granted = stored_user(app).refresh_token
+
+    def unavailable(token):
+        raise ProviderUnavailable("provider answered 502")
+
+    monkeypatch.setattr(app.extensions["provider"], "introspect", unavailable)
+    replies = capture_exchanges(app, monkeypatch)
+    answer = through_provider(client)
+    assert answer.status_code == 503 and "/auth/viewer?next=/viewer" in answer.get_data(as_text=True)
+    assert standin.access_token(replies[0].access_token) is None
+    assert standin.refresh_token(replies[0].refresh_token)["status"] == "active"
+    assert stored_user(app).refresh_token == granted and stored_user(app).viewer_token is None
+    assert client.get("/api/session").status_code == 200
+    assert len(refusals(caplog)) == 1
+
+
+@pytest.mark.parametrize("granted", ["viewables:read data:write", "data:read", "openid viewables:read"])
+def test_a_token_wider_than_the_viewer_scope_never_reaches_the_browser(app, client, standin, monkeypatch, caplog, granted):
+    sign_in(client)
+    replies = capture_exchanges(app, monkeypatch, lambda reply: dataclasses.replace(reply, scope=granted))
+    answer = through_provider(client)
+    assert answer.status_code == 502 and "more than the viewer" in answer.get_data(as_text=True)
+    assert standin.access_token(replies[0].access_token) is None
+    assert stored_user(app).viewer_token is None and client.get("/api/viewer-token").status_code == 401
+    assert client.get("/api/session").status_code == 200
+    assert len(refusals(caplog)) == 1
+
+
+@pytest.mark.parametrize("granted", [None, "viewables:read", " viewables:read "])
+def test_a_reply_naming_the_viewer_scope_or_none_is_stored(app, client, monkeypatch, granted):
+    sign_in(client)
+    capture_exchanges(app, monkeypatch, lambda reply: dataclasses.replace(reply, scope=granted))
+    assert through_provider(client).status_code == 302
+    assert client.get("/api/viewer-token").get_json()["scope"] == "viewables:read"
+
+
+def test_a_busy_lock_after_the_exchange_is_a_503_back_to_the_viewer_authorization(app, client, standin, monkeypatch):
+    """The person's row lock is held too long: the tokens just got are revoked, and Try again starts a new authorization."""
+    sign_in(client)
+
+    def busy(user_id):
+        raise LockTimeout()
+
+    replies = capture_exchanges(app, monkeypatch, lambda reply: monkeypatch.setattr(grants, "lock", busy) or reply)
+    answer = through_provider(client, "/viewer?urn=abc")
+    monkeypatch.undo()
+    assert answer.status_code == 503
+    assert "/auth/viewer?next=/viewer?urn%3Dabc" in answer.get_data(as_text=True)
+    assert standin.access_token(replies[0].access_token) is None
+    assert stored_user(app).viewer_token is None and stored_user(app).refresh_token is not None
+    assert client.get("/api/session").status_code == 200
 
 
 def test_the_viewer_authorization_exists_only_when_chosen(app_factory):
