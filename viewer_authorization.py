@@ -5,15 +5,15 @@ scope, so the viewer's token cannot come from a narrowed refresh there. Instead 
 through the provider once more, silently (prompt=none), for just OAUTH_VIEWER_SCOPE (and openid
 when sign-in asks for it: OpenID providers honour prompt=none only in an OpenID request, and the ID
 token names the person). The code it brings back is exchanged for an access token that is stored as
-the viewer's, and for nothing else: the person's refresh and access tokens are never touched, and
-no refresh token is kept for the viewer (a provider may issue one anyway; it is dropped unused, and
-not revoked, since some providers revoke the access token issued with it). So there is nothing to
-rotate and nothing to lose; when the viewer's token runs out, the browser goes through the provider
-again (GET /auth/viewer, auth.py).
+the viewer's: the person's refresh and access tokens are never touched. A provider may issue a
+refresh token with it anyway; that one is never used, only kept (encrypted) to be revoked when the
+next viewer authorization replaces it and at sign-out. So there is nothing to rotate and nothing to
+lose; when the viewer's token runs out, the browser goes through the provider again (GET
+/auth/viewer, auth.py).
 
 This must never run where a second authorization ends the first: APS keeps one refresh token per
-person per app. config.py refuses it with OAUTH_PROVIDER=autodesk, and with the stand-in unless it
-keeps a grant per authorization.
+person per app. config.py refuses it with OAUTH_PROVIDER=autodesk or any issuer on autodesk.com,
+and with the stand-in unless it keeps a grant per authorization.
 """
 
 import json
@@ -100,8 +100,12 @@ def store(user_id: int, code: str, redirect_uri: str, flow: dict, trigger: str) 
         db.session.rollback()
         _discard(user_id, reply, subject, user, refusal)
         raise
-    grants.store_viewer_token(user, reply, _granted(reply.scope))
+    replaced = grants.store_viewer_token(user, reply, _granted(reply.scope))
     events.record(attempt, Outcome.AUTHORIZED)
+    # Revoking a refresh token also revokes the access token issued with it at django-oauth-toolkit, so
+    # the current one is kept, unused, until the next one replaces it (its access token is replaced too)
+    # or the person signs out (grants.end_sessions revokes it with the rest); never left to outlive both.
+    grants.revoke(replaced)
 
 
 def _check(user: User | None, subject: str | None, granted: str | None) -> None:

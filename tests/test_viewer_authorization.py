@@ -9,10 +9,12 @@ import logging
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from sqlalchemy import text
 
 import grants
 from conftest import expire_access_token, sign_in, stored_user
 from locking import LockTimeout
+from models import db
 from provider import ProviderUnavailable
 from standin.store import refresh_tokens
 
@@ -290,6 +292,45 @@ def test_a_busy_lock_after_the_exchange_is_a_503_back_to_the_viewer_authorizatio
     assert standin.access_token(replies[0].access_token) is None
     assert stored_user(app).viewer_token is None and stored_user(app).refresh_token is not None
     assert client.get("/api/session").status_code == 200
+
+
+def test_the_refresh_token_a_viewer_authorization_brings_is_revoked_when_replaced_and_at_sign_out(app, client, standin, monkeypatch):
+    """A provider may issue a refresh token with the viewer's token (django-oauth-toolkit, the stand-in): none outlives its use here."""
+    sign_in(client)
+    granted = stored_user(app).refresh_token
+    replies = capture_exchanges(app, monkeypatch)
+    assert through_provider(client).status_code == 302
+    first = replies[0].refresh_token
+    assert first and stored_user(app).viewer_refresh_token == first
+    with app.app_context():
+        raw = db.session.execute(text("SELECT viewer_refresh_token FROM users")).scalar_one()
+    assert first not in raw  # encrypted like the person's own
+    assert standin.refresh_token(first)["status"] == "active"  # kept: revoking it may kill the viewer's token (the toolkit)
+
+    expire_access_token(app, field="viewer_expires_at")
+    assert through_provider(client).status_code == 302
+    second = replies[1].refresh_token
+    assert standin.refresh_token(first)["status"] == "revoked" and standin.refresh_token(second)["status"] == "active"
+    assert stored_user(app).viewer_refresh_token == second
+    assert standin.refresh_token(granted)["status"] == "active" and client.get("/api/viewer-token").status_code == 200
+
+    csrf = client.get("/api/session").get_json()["csrf_token"]
+    assert client.post("/auth/logout", data={"csrf_token": csrf}).status_code == 302
+    assert standin.refresh_token(second)["status"] == "revoked" and standin.refresh_token(granted)["status"] == "revoked"
+    assert stored_user(app).viewer_refresh_token is None
+
+
+def test_a_refresh_token_that_is_the_persons_own_is_neither_kept_as_the_viewers_nor_revoked(app, client, standin, monkeypatch):
+    """A provider that hands the person's own refresh token back: it stays the person's, never revoked as the viewer's."""
+    sign_in(client)
+    granted = stored_user(app).refresh_token
+    capture_exchanges(app, monkeypatch, lambda reply: dataclasses.replace(reply, refresh_token=granted))
+    for _ in range(2):
+        expire_access_token(app, field="viewer_expires_at")
+        assert through_provider(client).status_code == 302
+    assert stored_user(app).viewer_refresh_token is None and stored_user(app).refresh_token == granted
+    assert standin.refresh_token(granted)["status"] == "active"
+    assert client.get("/api/profile").status_code == 200
 
 
 def test_the_viewer_authorization_exists_only_when_chosen(app_factory):
