@@ -37,6 +37,8 @@ MAX_FLOWS = 4
 MAX_FLOW_COOKIE = 3800
 # A browser may try one silent sign-in (prompt=none) a minute: a grant that dies at once cannot loop.
 SILENT_RETRY_AFTER = 60
+# The kinds of flow through the provider: a sign-in, or the viewer's own authorization (OAUTH_VIEWER_TOKEN=authorize).
+SIGN_IN, VIEWER = "sign-in", "viewer"
 # What a provider answers to prompt=none when the person must see its pages (OIDC Core §3.1.2.6).
 INTERACTION_ERRORS = {"login_required", "interaction_required", "consent_required", "account_selection_required"}
 
@@ -46,23 +48,29 @@ INTERACTION_ERRORS = {"login_required", "interaction_required", "consent_require
 @policy.rate_limited("signin_limiter")
 def login() -> Response:
     """Send the browser to the provider's authorize endpoint."""
-    provider = current_app.extensions["provider"]
-    verifier = secrets.token_urlsafe(64)
     silent = request.args.get("silent") == "1" and _may_resume_silently()
-    flow = {"state": secrets.token_urlsafe(32), "verifier": verifier, "next": safe_next(request.args.get("next")), "silent": silent, "at": int(time.time())}
-    scope = current_app.config["OAUTH_SCOPES"]
-    # APS requires a nonce with openid; identity comes from userinfo, so it is not checked later.
-    nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
     # prompt=login: "Sign in as someone else" asks the provider for its form even while it knows this browser.
     prompt = "none" if silent else "login" if request.args.get("prompt") == "login" else None
-    url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt=prompt)
-    response = redirect(url)
+    response = _to_provider(SIGN_IN, current_app.config["OAUTH_SCOPES"], safe_next(request.args.get("next")), silent, prompt)
     if silent:
         response.set_cookie(_silent_cookie(), "1", max_age=SILENT_RETRY_AFTER, **sessions.cookie_attributes())
+    signout.forget(response)  # the person asked to sign in again
+    return response
+
+
+def _to_provider(kind: str, scope: str, next_path: str, silent: bool, prompt: str | None, **more) -> Response:
+    """Redirect to the provider's authorize endpoint, keeping this flow (its kind, state, PKCE verifier, nonce) in the browser's sign-in cookie."""
+    verifier = secrets.token_urlsafe(64)
+    # APS requires a nonce with openid; a sign-in reads the person from userinfo, the viewer's authorization checks it in the ID token.
+    nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
+    flow = {"kind": kind, "state": secrets.token_urlsafe(32), "verifier": verifier, "nonce": nonce, "next": next_path, "silent": silent}
+    flow |= {"at": int(time.time())} | more
+    provider = current_app.extensions["provider"]
+    url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt=prompt)
+    response = redirect(url)
     flows = _read_flows()
     flows["open"].append(flow)
     _write_flows(response, flows)
-    signout.forget(response)  # the person asked to sign in again
     return response
 
 
@@ -84,8 +92,8 @@ def _may_resume_silently() -> bool:
 def viewer() -> Response:
     """Send the browser to the provider for the viewer's token alone (OAUTH_VIEWER_TOKEN=authorize), silently unless asked not to.
 
-    It changes nothing here: only the provider's answer to this browser's state stores a token
-    (the callback), and that one never touches the person's grant or session.
+    Only this browser's sign-in cookie changes here (the flow it starts): the token is stored by the
+    callback, for the person who started it, and never touches their grant or session.
     """
     next_path = safe_next(request.args.get("next") or url_for("pages.viewer"))
     if not viewer_authorization.enabled():
@@ -93,19 +101,8 @@ def viewer() -> Response:
     if g.session is None:
         return redirect(url_for("auth.login", next=next_path))
     silent = request.args.get("interactive") != "1"
-    scope, verifier = viewer_authorization.scope(), secrets.token_urlsafe(64)
-    nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
-    flow = {"state": secrets.token_urlsafe(32), "verifier": verifier, "next": next_path, "silent": silent, "at": int(time.time())}
-    # The person it is for, and the nonce their ID token must carry: the callback checks both.
-    flow |= {"viewer_for": g.session.user_id, "nonce": nonce}
-    provider = current_app.extensions["provider"]
-    prompt = "none" if silent else None
-    url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt=prompt)
-    response = redirect(url)
-    flows = _read_flows()
-    flows["open"].append(flow)
-    _write_flows(response, flows)
-    return response
+    # The person it is for: the callback stores the token only for them.
+    return _to_provider(VIEWER, viewer_authorization.scope(), next_path, silent, "none" if silent else None, viewer_for=g.session.user_id)
 
 
 @bp.get("/callback")
@@ -115,8 +112,8 @@ def callback() -> Response:
     """Finish sign-in: check state, exchange the code, read the person, start a session (or, for the viewer's authorization, store its token)."""
     flows = _read_flows()
     flow = _use_flow(flows, request.args.get("state", ""))
-    if flow is not None and "viewer_for" in flow:
-        return _viewer_reply(flow) or _viewer_token(flow)
+    if flow is not None and flow["kind"] == VIEWER:
+        return _viewer_reply(flow) or _store_viewer_token(flow)
     answer = _unknown_flow(flows) if flow is None else _refused_reply(flow)
     if answer is not None:
         return answer
@@ -215,7 +212,7 @@ def _viewer_reply(flow: dict) -> tuple[str, int] | None:
     return _unusable_reply(again)
 
 
-def _viewer_token(flow: dict) -> Response | tuple[str, int]:
+def _store_viewer_token(flow: dict) -> Response | tuple[str, int]:
     """Store the viewer's token from its own authorization, for the person who started it, and go back to the viewer."""
     again = url_for("auth.viewer", next=flow["next"])
     if g.session is None or g.session.user_id != flow["viewer_for"]:
@@ -414,11 +411,11 @@ def _read_flows() -> dict:
         flows["unreadable"] = True
         return flows
     oldest = time.time() - FLOW_MAX_AGE
-    for kind, fields in (("open", ("state", "verifier", "next")), ("done", ("state", "next"))):
-        entries = stored.get(kind) if isinstance(stored, dict) else None
+    for group, fields in (("open", ("kind", "state", "verifier", "next")), ("done", ("state", "next"))):
+        entries = stored.get(group) if isinstance(stored, dict) else None
         for flow in entries if isinstance(entries, list) else []:
             if isinstance(flow, dict) and all(isinstance(flow.get(k), str) for k in fields) and isinstance(flow.get("at"), int) and flow["at"] > oldest:
-                flows[kind].append(flow)
+                flows[group].append(flow)
     return flows
 
 
