@@ -39,6 +39,7 @@ MAX_FLOW_COOKIE = 3800
 SILENT_RETRY_AFTER = 60
 # The kinds of flow through the provider: a sign-in, or the viewer's own authorization (OAUTH_VIEWER_TOKEN=authorize).
 SIGN_IN, VIEWER = "sign-in", "viewer"
+VIEWER_STATE = "viewer."
 # What a provider answers to prompt=none when the person must see its pages (OIDC Core §3.1.2.6).
 INTERACTION_ERRORS = {"login_required", "interaction_required", "consent_required", "account_selection_required"}
 
@@ -63,7 +64,9 @@ def _to_provider(kind: str, scope: str, next_path: str, silent: bool, prompt: st
     verifier = secrets.token_urlsafe(64)
     # APS requires a nonce with openid; a sign-in reads the person from userinfo, the viewer's authorization checks it in the ID token.
     nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
-    flow = {"kind": kind, "state": secrets.token_urlsafe(32), "verifier": verifier, "nonce": nonce, "next": next_path, "silent": silent}
+    # A viewer state says so even when its flow is gone from the cookie (_unknown_flow); it is no secret.
+    state = (VIEWER_STATE if kind == VIEWER else "") + secrets.token_urlsafe(32)
+    flow = {"kind": kind, "state": state, "verifier": verifier, "nonce": nonce, "next": next_path, "silent": silent}
     flow |= {"at": int(time.time())} | more
     provider = current_app.extensions["provider"]
     url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt=prompt)
@@ -144,6 +147,9 @@ def _unknown_flow(flows: dict) -> Response | tuple[str, int]:
     """Answer a callback that none of this browser's open sign-ins expects."""
     state = request.args.get("state", "")
     done = next((f for f in flows["done"] if _same(state, f["state"])), None)
+    if g.user is not None and done is None and state.startswith(VIEWER_STATE):
+        # Two tabs went for the viewer's token at once, and the other's cookie replaced this one's flow.
+        return _failed(409, "This tab's request for the viewer's token gave way to another", VIEWER_LOST, retry=url_for("auth.viewer"))
     if g.user is not None and (done is not None or not flows["open"]):
         # Signed in already: a reloaded (or expired) callback is no error, the person goes where it led.
         return redirect(done["next"] if done else url_for("pages.home"))
@@ -192,6 +198,10 @@ VIEWER_UNKNOWN = (
 VIEWER_TOO_WIDE = (
     "You are still signed in here. The provider granted more than the viewer may hold, so that token was revoked and the "
     "viewer got nothing. The app's administrator should make OAUTH_VIEWER_SCOPE match what the provider grants."
+)
+VIEWER_LOST = (
+    "You are still signed in. Another tab asked the provider for the viewer's token at the same moment, and this browser "
+    "keeps only one of two such requests started together: open the viewer again to get its token."
 )
 # How each refusal of the viewer authorization's answer is shown: status, title, detail.
 VIEWER_REFUSALS = {

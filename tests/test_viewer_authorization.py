@@ -186,8 +186,35 @@ def test_a_state_from_another_browser_is_refused(app, client):
     other = app.test_client()
     sign_in(other, name="Eve")
     stolen = other.get(callback.path, query_string=callback.query)
-    assert stolen.status_code == 302 and stolen.headers["Location"] == "/"  # none of its own: signed in, it simply goes home
+    assert stolen.status_code == 409 and "/auth/viewer" in stolen.get_data(as_text=True)  # none of its own: nothing is exchanged
     assert stored_user(app, "Eve").viewer_token is None and stored_user(app).viewer_token is None
+
+
+def provider_answer(client, params: dict):
+    """Go through the provider (silently) for an authorization already started; return the callback's URL."""
+    authorize = urlsplit(params["_url"])
+    return urlsplit(client.get(authorize.path, query_string=authorize.query).headers["Location"])
+
+
+@pytest.mark.parametrize("winner_first", [False, True], ids=["winner open", "winner done"])
+def test_a_tab_whose_viewer_authorization_lost_the_race_is_offered_the_viewer_again(app, client, winner_first):
+    """Two tabs' viewer tokens run out together: both start an authorization, and the second's cookie overwrites the first's flow."""
+    sign_in(client)
+    before = client.get_cookie("signin")
+    first = go_to_provider(client)
+    # The other tab's request left before this one's answer set the cookie.
+    if before is None:
+        client.delete_cookie("signin")
+    else:
+        client.set_cookie("signin", before.value)
+    second = go_to_provider(client)
+    first_back, second_back = provider_answer(client, first), provider_answer(client, second)
+    if winner_first:
+        assert client.get(second_back.path, query_string=second_back.query).headers["Location"] == "/viewer"
+    lost = client.get(first_back.path, query_string=first_back.query)
+    text = lost.get_data(as_text=True)
+    assert lost.status_code == 409 and "Another tab" in text and 'href="/auth/viewer"' in text and "/auth/login" not in text
+    assert client.get("/api/session").status_code == 200
 
 
 @pytest.mark.parametrize("next_path", ["https://evil.example/", "//evil.example/", "/\\evil.example", "/%5Cevil.example"])
