@@ -5,14 +5,21 @@ no scope (STANDIN_NARROWS_QUIETLY) and keeps a grant per authorization, as OpenI
 """
 
 import dataclasses
+import io
+import json
 import logging
-from urllib.parse import parse_qs, urlsplit
+import time
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
+import jwt
 import pytest
+import requests
 from sqlalchemy import text
+from werkzeug.test import run_wsgi_app
+from werkzeug.wrappers import Response
 
 import grants
-from conftest import expire_access_token, sign_in, stored_user
+from conftest import expire_access_token, sign_in, standin_over_http, stored_user
 from locking import LockTimeout
 from models import db
 from provider import ProviderUnavailable
@@ -372,3 +379,128 @@ def test_an_empty_viewer_scope_still_turns_the_viewer_off(app_factory):
     sign_in(client)
     assert client.get("/api/viewer-token").get_json()["error"] == "viewer_token_off"
     assert client.get("/auth/viewer").status_code == 404
+
+
+ABSENT = object()  # a claim left out of the ID token
+ID_TOKEN_KEY = "an-id-token-key-of-32-bytes-or-more"
+
+
+class WithIdTokens:
+    """Serve the stand-in as an OpenID provider: every code exchange's reply carries an ID token, with the claims the test changes.
+
+    It keeps a grant per authorization, as OpenID providers do. The nonce a right ID token carries is
+    the one the test read from the authorize request (the stand-in keeps none).
+    """
+
+    def __init__(self, inner):
+        self.inner, self.store = inner, inner.extensions["standin_store"]
+        self.issuer = inner.config["STANDIN"]["issuer"]
+        inner.config["STANDIN"]["grant_per_authorization"] = True
+        self.nonce, self.change = None, {}
+
+    def __call__(self, environ, start_response):
+        if environ["PATH_INFO"] != "/authentication/v2/token":
+            return self.inner(environ, start_response)
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        environ["wsgi.input"] = io.BytesIO(body)
+        app_iter, status, headers = run_wsgi_app(self.inner, environ)
+        reply = Response(b"".join(app_iter), status, headers)
+        if dict(parse_qsl(body.decode())).get("grant_type") != "authorization_code" or reply.status_code != 200:
+            return reply(environ, start_response)
+        issued = reply.get_json()
+        now = int(time.time())
+        claims = {"iss": self.issuer, "aud": "oidc-client", "sub": self.store.access_token(issued["access_token"])["sub"], "iat": now, "exp": now + 300}
+        claims = {name: value for name, value in (claims | {"nonce": self.nonce} | self.change).items() if value is not ABSENT}
+        # Signed over the JSON as it is: jwt.encode refuses some of the wrong claims a test needs.
+        issued["id_token"] = jwt.api_jws.encode(json.dumps(claims).encode(), ID_TOKEN_KEY, algorithm="HS256")
+        return Response(json.dumps(issued), 200, mimetype="application/json")(environ, start_response)
+
+
+@pytest.fixture
+def oidc(app_factory, tmp_path):
+    """An app signed in (as Oda) at a separate OpenID provider over HTTP, getting the viewer's token by an authorization of its own."""
+    with standin_over_http(tmp_path, WithIdTokens) as (issuer, store, served):
+        app = app_factory(
+            OAUTH_PROVIDER="oidc",
+            OAUTH_ISSUER=issuer,
+            OAUTH_CLIENT_ID="oidc-client",
+            OAUTH_CLIENT_SECRET="oidc-secret",
+            OAUTH_SCOPES="openid profile viewables:read",
+            OAUTH_VIEWER_TOKEN="authorize",
+        )
+        client = app.test_client()
+        consent = requests.post(client.get("/auth/login").headers["Location"], data={"name": "Oda"}, allow_redirects=False, timeout=10)
+        back = urlsplit(consent.headers["Location"])
+        assert client.get(back.path, query_string=back.query).status_code == 302
+        yield app, client, store, served
+
+
+def oidc_viewer_authorization(client, served):
+    """Authorize the viewer at the separate provider (through its form: no cookie of its own here); return the callback's answer."""
+    params = go_to_provider(client, interactive="1")
+    assert params["scope"] == "openid viewables:read" and params["nonce"]
+    served.nonce = params["nonce"]
+    consent = requests.post(params["_url"], data={"name": "Oda"}, allow_redirects=False, timeout=10)
+    back = urlsplit(consent.headers["Location"])
+    return client.get(back.path, query_string=back.query)
+
+
+def test_the_id_token_names_the_person_and_the_viewer_gets_its_token(oidc, monkeypatch):
+    app, client, store, served = oidc
+    replies = capture_exchanges(app, monkeypatch)
+    answer = oidc_viewer_authorization(client, served)
+    assert answer.status_code == 302 and answer.headers["Location"] == "/viewer"
+    viewer = client.get("/api/viewer-token").get_json()
+    assert viewer["access_token"] == replies[0].access_token and set(viewer["scope"].split()) <= {"openid", "viewables:read"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"nonce": "not-the-one-asked"},
+        {"nonce": ABSENT},
+        {"aud": "another-client"},
+        {"aud": ABSENT},
+        {"iss": "https://evil.example"},
+        {"iss": 7},
+        {"exp": int(time.time()) - 86400},
+        {"sub": ABSENT},
+        {"sub": 42},
+        {"sub": True},
+        {"sub": ""},
+    ],
+    ids=["wrong nonce", "no nonce", "wrong aud", "no aud", "wrong iss", "iss not a string", "expired", "no sub", "sub a number", "sub a bool", "empty sub"],
+)
+def test_an_id_token_that_does_not_hold_is_refused_and_the_sign_in_stands(oidc, monkeypatch, caplog, change):
+    """Whose the tokens are is unknown: the viewer's access token is revoked, its refresh token left alone (it might be the person's grant)."""
+    app, client, store, served = oidc
+    granted = stored_user(app, "Oda").refresh_token
+    served.change = change
+    replies = capture_exchanges(app, monkeypatch)
+    answer = oidc_viewer_authorization(client, served)
+    assert answer.status_code == 403 and "did not say" in answer.get_data(as_text=True)
+    assert store.access_token(replies[0].access_token) is None
+    assert store.refresh_token(replies[0].refresh_token)["status"] == "active"
+    oda = stored_user(app, "Oda")
+    assert oda.refresh_token == granted and oda.viewer_token is None and oda.viewer_refresh_token is None
+    assert store.refresh_token(granted)["status"] == "active"
+    assert client.get("/api/session").get_json()["user"]["name"] == "Oda" and client.get("/api/profile").status_code == 200
+    assert len(refusals(caplog)) == 1
+
+
+def test_an_id_token_for_someone_else_is_refused_and_both_its_tokens_revoked(oidc, monkeypatch):
+    app, client, store, served = oidc
+    served.change = {"sub": "someone-else"}
+    replies = capture_exchanges(app, monkeypatch)
+    answer = oidc_viewer_authorization(client, served)
+    assert answer.status_code == 403 and "someone else" in answer.get_data(as_text=True)
+    assert store.access_token(replies[0].access_token) is None
+    assert store.refresh_token(replies[0].refresh_token)["status"] == "revoked"
+    assert store.refresh_token(stored_user(app, "Oda").refresh_token)["status"] == "active"
+
+
+def test_a_garbled_id_token_is_refused_never_a_500(oidc, monkeypatch):
+    app, client, store, served = oidc
+    capture_exchanges(app, monkeypatch, lambda reply: dataclasses.replace(reply, id_token="not.a-jwt"))
+    assert oidc_viewer_authorization(client, served).status_code == 403
+    assert client.get("/api/session").status_code == 200
