@@ -23,7 +23,7 @@ import viewer_authorization
 from grants import SignInRequired
 from locking import LockTimeout
 from models import db
-from provider import InvalidGrant, ProviderError, ProviderRejected, ProviderUnavailable, TokenResponse
+from provider import InvalidGrant, ProviderError, ProviderRejected, ProviderUnavailable, TokenResponse, subject_of
 from redirects import safe_next
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
@@ -37,6 +37,9 @@ MAX_FLOWS = 4
 MAX_FLOW_COOKIE = 3800
 # A browser may try one silent sign-in (prompt=none) a minute: a grant that dies at once cannot loop.
 SILENT_RETRY_AFTER = 60
+# The kinds of flow through the provider: a sign-in, or the viewer's own authorization (OAUTH_VIEWER_TOKEN=authorize).
+SIGN_IN, VIEWER = "sign-in", "viewer"
+VIEWER_STATE = "viewer."
 # What a provider answers to prompt=none when the person must see its pages (OIDC Core §3.1.2.6).
 INTERACTION_ERRORS = {"login_required", "interaction_required", "consent_required", "account_selection_required"}
 
@@ -46,23 +49,31 @@ INTERACTION_ERRORS = {"login_required", "interaction_required", "consent_require
 @policy.rate_limited("signin_limiter")
 def login() -> Response:
     """Send the browser to the provider's authorize endpoint."""
-    provider = current_app.extensions["provider"]
-    verifier = secrets.token_urlsafe(64)
     silent = request.args.get("silent") == "1" and _may_resume_silently()
-    flow = {"state": secrets.token_urlsafe(32), "verifier": verifier, "next": safe_next(request.args.get("next")), "silent": silent, "at": int(time.time())}
-    scope = current_app.config["OAUTH_SCOPES"]
-    # APS requires a nonce with openid; identity comes from userinfo, so it is not checked later.
-    nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
     # prompt=login: "Sign in as someone else" asks the provider for its form even while it knows this browser.
     prompt = "none" if silent else "login" if request.args.get("prompt") == "login" else None
-    url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt=prompt)
-    response = redirect(url)
+    response = _to_provider(SIGN_IN, current_app.config["OAUTH_SCOPES"], safe_next(request.args.get("next")), silent, prompt)
     if silent:
         response.set_cookie(_silent_cookie(), "1", max_age=SILENT_RETRY_AFTER, **sessions.cookie_attributes())
+    signout.forget(response)  # the person asked to sign in again
+    return response
+
+
+def _to_provider(kind: str, scope: str, next_path: str, silent: bool, prompt: str | None, **more) -> Response:
+    """Redirect to the provider's authorize endpoint, keeping this flow (its kind, state, PKCE verifier, nonce) in the browser's sign-in cookie."""
+    verifier = secrets.token_urlsafe(64)
+    # APS requires a nonce with openid; a sign-in reads the person from userinfo, the viewer's authorization checks it in the ID token.
+    nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
+    # A viewer state says so even when its flow is gone from the cookie (_unknown_flow); it is no secret.
+    state = (VIEWER_STATE if kind == VIEWER else "") + secrets.token_urlsafe(32)
+    flow = {"kind": kind, "state": state, "verifier": verifier, "nonce": nonce, "next": next_path, "silent": silent}
+    flow |= {"at": int(time.time())} | more
+    provider = current_app.extensions["provider"]
+    url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt=prompt)
+    response = redirect(url)
     flows = _read_flows()
     flows["open"].append(flow)
     _write_flows(response, flows)
-    signout.forget(response)  # the person asked to sign in again
     return response
 
 
@@ -84,8 +95,8 @@ def _may_resume_silently() -> bool:
 def viewer() -> Response:
     """Send the browser to the provider for the viewer's token alone (OAUTH_VIEWER_TOKEN=authorize), silently unless asked not to.
 
-    It changes nothing here: only the provider's answer to this browser's state stores a token
-    (the callback), and that one never touches the person's grant or session.
+    Only this browser's sign-in cookie changes here (the flow it starts): the token is stored by the
+    callback, for the person who started it, and never touches their grant or session.
     """
     next_path = safe_next(request.args.get("next") or url_for("pages.viewer"))
     if not viewer_authorization.enabled():
@@ -93,19 +104,8 @@ def viewer() -> Response:
     if g.session is None:
         return redirect(url_for("auth.login", next=next_path))
     silent = request.args.get("interactive") != "1"
-    scope, verifier = viewer_authorization.scope(), secrets.token_urlsafe(64)
-    nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
-    flow = {"state": secrets.token_urlsafe(32), "verifier": verifier, "next": next_path, "silent": silent, "at": int(time.time())}
-    # The person it is for, and the nonce their ID token must carry: the callback checks both.
-    flow |= {"viewer_for": g.session.user_id, "nonce": nonce}
-    provider = current_app.extensions["provider"]
-    prompt = "none" if silent else None
-    url = provider.authorize_url(redirect_uri=redirect_uri(), scope=scope, state=flow["state"], code_challenge=_challenge(verifier), nonce=nonce, prompt=prompt)
-    response = redirect(url)
-    flows = _read_flows()
-    flows["open"].append(flow)
-    _write_flows(response, flows)
-    return response
+    # The person it is for: the callback stores the token only for them.
+    return _to_provider(VIEWER, viewer_authorization.scope(), next_path, silent, "none" if silent else None, viewer_for=g.session.user_id)
 
 
 @bp.get("/callback")
@@ -115,8 +115,8 @@ def callback() -> Response:
     """Finish sign-in: check state, exchange the code, read the person, start a session (or, for the viewer's authorization, store its token)."""
     flows = _read_flows()
     flow = _use_flow(flows, request.args.get("state", ""))
-    if flow is not None and "viewer_for" in flow:
-        return _viewer_reply(flow) or _viewer_token(flow)
+    if flow is not None and flow["kind"] == VIEWER:
+        return _viewer_reply(flow) or _store_viewer_token(flow)
     answer = _unknown_flow(flows) if flow is None else _refused_reply(flow)
     if answer is not None:
         return answer
@@ -147,6 +147,9 @@ def _unknown_flow(flows: dict) -> Response | tuple[str, int]:
     """Answer a callback that none of this browser's open sign-ins expects."""
     state = request.args.get("state", "")
     done = next((f for f in flows["done"] if _same(state, f["state"])), None)
+    if g.user is not None and done is None and state.startswith(VIEWER_STATE):
+        # Two tabs went for the viewer's token at once, and the other's cookie replaced this one's flow.
+        return _failed(409, "This tab's request for the viewer's token gave way to another", VIEWER_LOST, retry=url_for("auth.viewer"))
     if g.user is not None and (done is not None or not flows["open"]):
         # Signed in already: a reloaded (or expired) callback is no error, the person goes where it led.
         return redirect(done["next"] if done else url_for("pages.home"))
@@ -172,7 +175,7 @@ def _refused_reply(flow: dict) -> tuple[str, int] | None:
 def _unusable_reply(again: str) -> tuple[str, int] | None:
     """Answer a reply from another provider, or one without a code; None for one to exchange."""
     args = request.args
-    if "iss" in args and args["iss"] != current_app.extensions["provider"].endpoints.issuer:
+    if "iss" in args and not current_app.extensions["provider"].is_issuer(args["iss"]):
         # RFC 9207: the reply came from another authorization server than the one we asked.
         return _failed(400, "The sign-in reply came from an unexpected provider.", "Please start again.", retry=again)
     if not args.get("code"):
@@ -186,8 +189,26 @@ VIEWER_INTERACTION = (
 )
 VIEWER_NOT_YOU = (
     "You are still signed in here as yourself. The provider answered for someone else (this browser may be signed in there "
-    "as another person), or did not say for whom: sign out there, or sign in there as yourself, then open the viewer again."
+    "as another person): sign out there, or sign in there as yourself, then open the viewer again."
 )
+VIEWER_UNKNOWN = (
+    "You are still signed in here. The provider's answer did not say whose it is, so the viewer got nothing from it. "
+    "Please try again; if this keeps happening, the app's administrator should check the provider's ID tokens or introspection."
+)
+VIEWER_TOO_WIDE = (
+    "You are still signed in here. The provider granted more than the viewer may hold, so that token was revoked and the "
+    "viewer got nothing. The app's administrator should make OAUTH_VIEWER_SCOPE match what the provider grants."
+)
+VIEWER_LOST = (
+    "You are still signed in. Another tab asked the provider for the viewer's token at the same moment, and this browser "
+    "keeps only one of two such requests started together: open the viewer again to get its token."
+)
+# How each refusal of the viewer authorization's answer is shown: status, title, detail.
+VIEWER_REFUSALS = {
+    viewer_authorization.NotThePerson: (403, "The provider's answer is not for you", VIEWER_NOT_YOU),
+    viewer_authorization.PersonUnknown: (403, "The provider did not say who you are", VIEWER_UNKNOWN),
+    viewer_authorization.ScopeTooWide: (502, "The provider gave more than the viewer may hold", VIEWER_TOO_WIDE),
+}
 
 
 def _viewer_reply(flow: dict) -> tuple[str, int] | None:
@@ -201,7 +222,7 @@ def _viewer_reply(flow: dict) -> tuple[str, int] | None:
     return _unusable_reply(again)
 
 
-def _viewer_token(flow: dict) -> Response | tuple[str, int]:
+def _store_viewer_token(flow: dict) -> Response | tuple[str, int]:
     """Store the viewer's token from its own authorization, for the person who started it, and go back to the viewer."""
     again = url_for("auth.viewer", next=flow["next"])
     if g.session is None or g.session.user_id != flow["viewer_for"]:
@@ -209,10 +230,16 @@ def _viewer_token(flow: dict) -> Response | tuple[str, int]:
         return _failed(400, "This viewer authorization was started by another sign-in.", "Please sign in, then open the viewer again.")
     try:
         viewer_authorization.store(g.session.user_id, request.args["code"], redirect_uri(), flow, trigger=f"{request.method} {request.path}")
-    except viewer_authorization.NotThePerson:
-        return _failed(403, "The provider's answer is not for you", VIEWER_NOT_YOU)
+    except viewer_authorization.SignedOut:
+        return redirect(flow["next"])  # the page it leads to says so
+    except viewer_authorization.Refused as refusal:
+        status, title, detail = VIEWER_REFUSALS[type(refusal)]
+        return _failed(status, title, detail, retry=again)
     except ProviderUnavailable:
         return _failed(503, "The provider is not answering right now.", "You are still signed in. Please try again in a moment.", retry=again)
+    except LockTimeout:
+        # The code is used up: Try again starts a new authorization, never this callback again.
+        return _failed(503, "Please try again in a moment", "Your sign-in is busy being renewed; you are still signed in.", retry=again)
     except (InvalidGrant, ProviderRejected):
         return _failed(400, "The provider refused the viewer's token.", "You are still signed in. Please try again.", retry=again)
     return redirect(flow["next"])
@@ -242,8 +269,7 @@ def _exchange(flow: dict) -> tuple[TokenResponse, dict] | Response:
 
 def _sign_in(flow: dict, grant: TokenResponse, info: dict) -> Response | tuple[str, int]:
     """Store the grant for the person the provider named and start this browser's session, then go where the sign-in led."""
-    subject = info.get("sub")
-    subject = str(subject) if isinstance(subject, str | int) and not isinstance(subject, bool) else ""
+    subject = subject_of(info.get("sub"))
     if not subject or _storable(subject) != subject:
         # The subject is the person's identity: cleaning it could make two people one. Keep nothing of the grant.
         grants.revoke([(grant.refresh_token, "refresh_token"), (grant.access_token, "access_token")])
@@ -395,11 +421,11 @@ def _read_flows() -> dict:
         flows["unreadable"] = True
         return flows
     oldest = time.time() - FLOW_MAX_AGE
-    for kind, fields in (("open", ("state", "verifier", "next")), ("done", ("state", "next"))):
-        entries = stored.get(kind) if isinstance(stored, dict) else None
+    for group, fields in (("open", ("kind", "state", "verifier", "next")), ("done", ("state", "next"))):
+        entries = stored.get(group) if isinstance(stored, dict) else None
         for flow in entries if isinstance(entries, list) else []:
             if isinstance(flow, dict) and all(isinstance(flow.get(k), str) for k in fields) and isinstance(flow.get("at"), int) and flow["at"] > oldest:
-                flows[kind].append(flow)
+                flows[group].append(flow)
     return flows
 
 

@@ -176,11 +176,23 @@ def _check_viewer_authorization(config: Mapping) -> None:
             "OAUTH_VIEWER_TOKEN=authorize cannot be used with OAUTH_PROVIDER=autodesk: APS keeps one refresh token per person per app, "
             "so a second authorization would end the person's sign-in; use OAUTH_VIEWER_TOKEN=refresh."
         )
+    # The oidc preset reads APS's discovery document too: what counts is whose server it is.
+    if _autodesk_host(config["OAUTH_ISSUER"]):
+        raise ConfigError(
+            f"OAUTH_VIEWER_TOKEN=authorize cannot be used with an Autodesk issuer (OAUTH_ISSUER={config['OAUTH_ISSUER']}): APS keeps one "
+            "refresh token per person per app, so a second authorization would end the person's sign-in; use OAUTH_VIEWER_TOKEN=refresh."
+        )
     if config["OAUTH_PROVIDER"] == "standin" and not config.get("STANDIN_GRANT_PER_AUTHORIZATION"):
         raise ConfigError(
             "OAUTH_VIEWER_TOKEN=authorize needs STANDIN_GRANT_PER_AUTHORIZATION=true: otherwise the stand-in keeps one refresh token "
             "per person, as APS does, and a second authorization would end the person's sign-in."
         )
+
+
+def _autodesk_host(url: str) -> bool:
+    """Tell whether a URL's host is autodesk.com or one of its subdomains."""
+    host = (urlsplit(url).hostname or "").rstrip(".")
+    return host == "autodesk.com" or host.endswith(".autodesk.com")
 
 
 def _check_production(config: Mapping) -> None:

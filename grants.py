@@ -114,10 +114,17 @@ def store_rotation(user: User, kind: str, tokens: TokenResponse, scope: str | No
         db.session.execute(live.values(expires_at=user.refresh_expires_at))
 
 
-def store_viewer_token(user: User, tokens: TokenResponse, scope: str) -> None:
-    """Store the access token of the viewer's own authorization on the locked person's row; their grant stays as it is."""
-    user.viewer_token, user.viewer_scope = tokens.access_token, tokens.scope or scope
+def store_viewer_token(user: User, tokens: TokenResponse, scope: str) -> list[tuple[str, str]]:
+    """Store the tokens of the viewer's own authorization, granted this scope, on the locked person's row; their grant stays as it is.
+
+    Return the refresh token they replace, to revoke once stored. One that is the person's own is
+    neither kept as the viewer's nor ever revoked as such.
+    """
+    replaced = user.viewer_refresh_token
+    user.viewer_token, user.viewer_scope = tokens.access_token, scope
     user.viewer_expires_at = utcnow() + timedelta(seconds=tokens.expires_in)
+    user.viewer_refresh_token = tokens.refresh_token if tokens.refresh_token != user.refresh_token else None
+    return [(replaced, "refresh_token")] if replaced and replaced not in (user.viewer_refresh_token, user.refresh_token) else []
 
 
 def forget(user: User) -> list[tuple[str, str]]:
@@ -153,6 +160,7 @@ def end_sessions(user_id: int, id_hashes: Iterable[str] | None = None) -> list[t
 def _forget_tokens(user: User) -> list[tuple[str, str]]:
     """Clear the person's tokens; return them, and every access token handed out and still alive, to revoke."""
     revocable = [(user.refresh_token, "refresh_token"), (user.access_token, "access_token"), (user.viewer_token, "access_token")]
+    revocable.append((user.viewer_refresh_token, "refresh_token"))
     handed = db.session.execute(select(HandedToken.token).where(HandedToken.user_id == user.id, HandedToken.expires_at > utcnow())).scalars()
     revocable += [(token, "access_token") for token in dict.fromkeys(handed) if token not in (user.access_token, user.viewer_token)]
     db.session.execute(delete(HandedToken).where(HandedToken.user_id == user.id))

@@ -12,7 +12,7 @@ from sqlalchemy import Text, delete, select, type_coerce, update
 
 from models import HandedToken, User, db
 
-TOKEN_COLUMNS = ("refresh_token", "access_token", "viewer_token")
+TOKEN_COLUMNS = ("refresh_token", "access_token", "viewer_token", "viewer_refresh_token")
 
 
 def rotate_all() -> tuple[int, int]:

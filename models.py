@@ -81,6 +81,9 @@ class User(db.Model):
     viewer_token: Mapped[str | None] = mapped_column(EncryptedText, deferred=True, deferred_group="tokens")
     viewer_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     viewer_scope: Mapped[str | None] = mapped_column(String(255))
+    # The refresh token a provider issues with the viewer's own authorization (OAUTH_VIEWER_TOKEN=authorize), never
+    # used: kept only to be revoked when the next one replaces it and at sign-out (viewer_authorization.py).
+    viewer_refresh_token: Mapped[str | None] = mapped_column(EncryptedText, deferred=True, deferred_group="tokens")
     # A refresh was sent but its reply never came: the provider may have rotated the stored token.
     refresh_unsure: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
@@ -88,7 +91,7 @@ class User(db.Model):
 
     def clear_tokens(self) -> None:
         """Forget every token of this person (the refresh token is dead or revoked)."""
-        self.refresh_token = self.access_token = self.viewer_token = None
+        self.refresh_token = self.access_token = self.viewer_token = self.viewer_refresh_token = None
         self.refresh_expires_at = self.access_expires_at = self.viewer_expires_at = None
         self.refresh_unsure = False
 

@@ -188,6 +188,13 @@ class Provider:
             params["prompt"] = "consent"
         return f"{self.endpoints.authorize}?{urlencode(params)}"
 
+    def is_issuer(self, iss: object) -> bool:
+        """Tell whether an iss value (a reply's RFC 9207 parameter, an ID token's claim) names this provider.
+
+        endpoints.issuer has lost any trailing slash (config, discovery), so neither side keeps one.
+        """
+        return isinstance(iss, str) and iss.rstrip("/") == self.endpoints.issuer.rstrip("/")
+
     def logout_url(self, post_logout_redirect_uri: str | None = None) -> str | None:
         """Return the provider's end-session URL (OIDC RP-Initiated Logout; APS v2 logout), or None without one."""
         if not self.endpoints.logout:
@@ -266,6 +273,13 @@ class Provider:
                 raise InvalidGrant(str(body.get("error_description", "")))
             raise ProviderRejected(error, str(body.get("error_description", "")))
         return body
+
+
+def subject_of(claim: object) -> str:
+    """Return a subject claim as text: a string, or the number some providers send (never a bool); "" for anything else."""
+    if isinstance(claim, bool) or not isinstance(claim, str | int):
+        return ""
+    return str(claim)
 
 
 BEARER_ERROR = re.compile(r'\berror\s*=\s*"?([A-Za-z_]+)"?')

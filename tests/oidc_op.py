@@ -186,11 +186,14 @@ def stored_tokens(database_url: str, name: str) -> dict:
     cipher = Fernet(TEST_KEY)
     try:
         with engine.connect() as conn:
-            query = text("SELECT refresh_token, access_token, viewer_token, viewer_scope, access_expires_at FROM users WHERE name = :name")
+            query = text(
+                "SELECT refresh_token, access_token, viewer_token, viewer_refresh_token, viewer_scope, access_expires_at FROM users WHERE name = :name"
+            )
             row = conn.execute(query, {"name": name}).one()._mapping
     finally:
         engine.dispose()
-    tokens = {key: cipher.decrypt(row[key].encode()).decode() if row[key] else None for key in ("refresh_token", "access_token", "viewer_token")}
+    encrypted = ("refresh_token", "access_token", "viewer_token", "viewer_refresh_token")
+    tokens = {key: cipher.decrypt(row[key].encode()).decode() if row[key] else None for key in encrypted}
     expires = row["access_expires_at"]
     if isinstance(expires, str):  # SQLite keeps it as text
         expires = datetime.fromisoformat(expires)

@@ -8,6 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from flask import request
 
+import config
 from app import create_app
 from conftest import make_config
 from servers import BIN, ROOT, TEST_KEY, free_port
@@ -281,3 +282,35 @@ def test_viewer_authorization_is_refused_wherever_a_second_authorization_ends_th
     production.setenv("APS_CLIENT_ID", "aps-client")
     production.setenv("APS_CLIENT_SECRET", "aps-secret")
     assert create_app().config["OAUTH_VIEWER_TOKEN"] == "refresh"
+
+
+@pytest.mark.parametrize(
+    "issuer",
+    [
+        "https://developer.api.autodesk.com",
+        "https://developer.api.autodesk.com/authentication/v2",
+        "https://Developer.API.Autodesk.com./",
+        "https://autodesk.com",
+        "https://user:pass@signin.autodesk.com:443/oidc",
+    ],
+)
+def test_viewer_authorization_is_refused_for_an_autodesk_issuer_whatever_the_preset(production, issuer):
+    """APS read through OAUTH_PROVIDER=oidc still keeps one refresh token per person per app: the host decides, not the preset."""
+    production.setenv("OAUTH_PROVIDER", "oidc")
+    production.setenv("OAUTH_ISSUER", issuer)
+    production.setenv("OAUTH_VIEWER_TOKEN", "authorize")
+    with pytest.raises(SystemExit) as stopped:
+        create_app()  # refused before discovery: nothing is fetched
+    message = str(stopped.value)
+    assert message.startswith("Configuration error: OAUTH_VIEWER_TOKEN=authorize cannot be used with an Autodesk issuer")
+    assert "APS keeps one refresh token per person per app" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("issuer", ["https://autodesk.com.evil.example", "https://notautodesk.com", "https://sso.example/autodesk.com"])
+def test_viewer_authorization_is_allowed_for_other_oidc_issuers(production, tmp_path, issuer):
+    production.setenv("OAUTH_PROVIDER", "oidc")
+    production.setenv("OAUTH_ISSUER", issuer)
+    production.setenv("OAUTH_VIEWER_TOKEN", "authorize")
+    settings = config.load(os.environ, str(tmp_path))
+    config.check(settings)
+    assert settings["OAUTH_VIEWER_TOKEN"] == "authorize"
