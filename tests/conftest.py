@@ -357,6 +357,7 @@ def chromium():
 CONNECTIONS_PER_PROCESS = 50
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest -p no:xdist runs without it
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """Under `-n auto` (bash scripts/test): TEST_PROCESSES, or 4 processes, fewer where PostgreSQL takes too few connections for them.
 
