@@ -23,6 +23,7 @@ from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, re
 from sqlalchemy import delete, select, update
 
 from standin import data
+from standin.inprocess import mark_slept, slow_down
 from standin.store import Store, access_tokens, digest, refresh_tokens
 
 REFRESH_TTL = 15 * 24 * 3600
@@ -60,6 +61,7 @@ def create_app(settings: Mapping) -> Flask:
     app.extensions["standin_store"] = Store(settings["database_url"])
     app.register_error_handler(OAuthError, oauth_error)
     app.after_request(headers)
+    app.after_request(mark_slept)
     app.register_blueprint(bp)
     app.register_blueprint(data.bp)
     return app
@@ -186,7 +188,7 @@ def token():
         body = _code_grant(store, cfg, client_id)
     elif grant_type == "refresh_token":
         # Like a provider across a network (APS: 100-500 ms): STANDIN_REFRESH_DELAY_MS.
-        time.sleep(cfg.get("refresh_delay_ms", int(os.environ.get("STANDIN_REFRESH_DELAY_MS") or 0)) / 1000)
+        slow_down(cfg.get("refresh_delay_ms", int(os.environ.get("STANDIN_REFRESH_DELAY_MS") or 0)) / 1000)
         body = _refresh_grant(store, cfg, client_id)
     else:
         raise OAuthError("unsupported_grant_type", f"grant_type {grant_type!r} is not supported")
@@ -203,7 +205,7 @@ def _act_out(fault: Mapping | None) -> tuple[Response, int] | None:
     if kind == "invalid_grant":
         raise OAuthError("invalid_grant", "injected fault")
     if kind in ("hang", "timeout"):
-        time.sleep(fault["delay"])
+        slow_down(fault["delay"])
     if kind == "hang":
         return jsonify(error="server_error", error_description="injected fault"), 503  # too slow, and then nothing done
     return None

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from standin.inprocess import slow_down
 from standin.store import API_FAULTS, Store, digest
 
 REQUIRED_SCOPE = "data:read"
@@ -108,7 +109,7 @@ def _take_fault(store: Store) -> None:
         body = {"developerMessage": "The required auth token is missing or invalid.", "errorCode": "AUTH-001"}
         raise Refused((jsonify(body), 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'}))
     if fault and fault["kind"] == "api_slow":
-        time.sleep(fault["delay"])
+        slow_down(fault["delay"])
     if fault and fault["kind"] == "api_large":
         # A document far larger than any listing: "delay" carries its size in mebibytes.
         padding = "x" * int(max(fault["delay"], 0.1) * 1024 * 1024)

@@ -6,10 +6,13 @@ import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import requests
+from flask import Flask
 from sqlalchemy import update
 
 import standin
 from conftest import copy_private
+from standin.inprocess import WSGIAdapter, mark_slept, slow_down
 from standin.store import codes, refresh_tokens
 
 ISSUER = "http://provider.test/standin"
@@ -456,3 +459,17 @@ def test_sign_in_form_posted_from_its_own_page_signs_in(provider, headers):
         "/authentication/v2/authorize", query_string=params, data={"name": "Ada"}, headers=headers, base_url="http://provider.test"
     )
     assert reply.status_code == 302 and "code=" in reply.headers["Location"]
+
+
+def test_in_process_a_reply_times_out_when_the_provider_was_told_to_be_slow_not_when_the_machine_is():
+    """A loaded machine can keep an in-process reply waiting for a core; only slow_down is the provider's slowness."""
+    provider = Flask(__name__)
+    provider.after_request(mark_slept)
+    provider.add_url_rule("/busy", "busy", lambda: time.sleep(0.3) or "done")  # the machine's time, not the provider's
+    provider.add_url_rule("/slow", "slow", lambda: slow_down(0.3) or "done")
+    http = requests.Session()
+    http.mount("http://provider.test/", WSGIAdapter(provider, "http://provider.test"))
+    assert http.get("http://provider.test/busy", timeout=0.1).text == "done"
+    with pytest.raises(requests.ReadTimeout):
+        http.get("http://provider.test/slow", timeout=0.1)
+    assert http.get("http://provider.test/slow", timeout=1).text == "done"
