@@ -78,9 +78,6 @@ class PostgreSQLLocks:
 class SQLiteLocks:
     """The database write lock, taken up front: it is the row lock and the refresh turn at once."""
 
-    def __init__(self, wait: float):
-        self._wait_ms = int(wait * 1000)
-
     def begin(self) -> None:
         """Start a transaction holding the write lock; waiting for it gives up after lock_wait (the busy timeout, app.py)."""
         db.session.commit()
@@ -127,7 +124,7 @@ def init_app(app: Flask) -> None:
     """Choose the locking strategy of the app's database."""
     with app.app_context():
         postgresql = db.engine.dialect.name == "postgresql"
-    app.extensions["locks"] = PostgreSQLLocks(lock_wait(app.config)) if postgresql else SQLiteLocks(lock_wait(app.config))
+    app.extensions["locks"] = PostgreSQLLocks(lock_wait(app.config)) if postgresql else SQLiteLocks()
 
 
 def current() -> PostgreSQLLocks | SQLiteLocks:
