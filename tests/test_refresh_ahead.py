@@ -1,9 +1,11 @@
 """Refresh ahead of expiry: a request near the leeway keeps its valid token, and the refresh runs after its response."""
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
 import pytest
@@ -126,33 +128,40 @@ def test_no_refresh_ahead_after_sign_out(app, client, standin):
     assert stored_user(app).refresh_token is None
 
 
+@contextlib.contextmanager
+def held_elsewhere(app, take: Callable[[], object]) -> Iterator[tuple[threading.Thread, threading.Event]]:
+    """Hold a lock (take) in another thread until the block ends or the yielded event is set; yield that thread and event."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with app.app_context():
+            take()
+            holding.set()
+            release.wait(30)
+            db.session.rollback()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        yield holder, release
+    finally:
+        release.set()
+        holder.join()
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # SQLite's turn is its write lock: the next test
 def test_refresh_ahead_gives_way_to_a_request_holding_the_turn(app, client, standin):
     """It neither waits for the turn nor refreshes: the request holding it does."""
     sign_in(client)
     due_ahead(app)
     seen = stored_user(app)
-    holding, release = threading.Event(), threading.Event()
-
-    def hold_the_turn() -> None:
-        with app.app_context():
-            assert locking.current().take_turn(seen.id)
-            holding.set()
-            release.wait(30)
-            db.session.rollback()
-
-    holder = threading.Thread(target=hold_the_turn)
-    holder.start()
-    try:
-        assert holding.wait(30)
+    with held_elsewhere(app, lambda: locking.current().take_turn(seen.id)) as (holder, _):
         before = standin.count("refresh")
         with app.app_context():
             tokens.refresh_ahead(seen.id, seen.access_expires_at, "GET /api/profile")  # a wait would end in LockTimeout
         assert standin.count("refresh") == before
         assert holder.is_alive()  # still holding: it returned without waiting for the turn
-    finally:
-        release.set()
-        holder.join()
     # The turn free again, the next request near expiry refreshes ahead.
     assert get_and_close(client, "/api/profile").status_code == 200
     assert standin.count("refresh") == before + 1
@@ -164,26 +173,12 @@ def test_on_sqlite_a_refresh_ahead_waits_for_the_write_lock_and_refreshes(app, c
     sign_in(client)
     due_ahead(app)
     seen = stored_user(app)
-    holding, release = threading.Event(), threading.Event()
-
-    def hold_the_write_lock() -> None:
-        with app.app_context():
-            locking.current().begin()  # as another person's refresh, sign-in or sign-out does
-            holding.set()
-            release.wait(30)
-            db.session.rollback()
-
-    holder = threading.Thread(target=hold_the_write_lock)
-    holder.start()
-    try:
-        assert holding.wait(30)
+    # As another person's refresh, sign-in or sign-out holds it.
+    with held_elsewhere(app, lambda: locking.current().begin()) as (_, release):
         before = standin.count("refresh")
         threading.Timer(0.5, release.set).start()
         with app.app_context():
             tokens.refresh_ahead(seen.id, seen.access_expires_at, "GET /api/profile")
-    finally:
-        release.set()
-        holder.join()
     assert standin.count("refresh") == before + 1
     assert stored_user(app).access_expires_at != seen.access_expires_at
     assert [e.trigger.endswith("(ahead)") for e in refresh_events(app) if e.outcome == "refreshed"][-1:] == [True]
