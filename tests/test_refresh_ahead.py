@@ -286,7 +286,7 @@ def test_workers_and_instances_refresh_ahead_once_per_expiry(instance):
         deadline = time.monotonic() + 30
         while store.count("refresh") - start < expiry and time.monotonic() < deadline:
             time.sleep(0.1)
-    time.sleep(2)  # longer than a straggling refresh ahead would take at the provider
+    wait_until_due_ahead(browser, first.url)
     assert store.count("refresh") - start == 2
     assert store.count("refresh_rejected") == 0
 
