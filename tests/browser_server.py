@@ -42,7 +42,7 @@ class LiveServer:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.stop()
+        self.server.kill()
 
 
 @contextlib.contextmanager

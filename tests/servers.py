@@ -53,7 +53,7 @@ def server_env(tmp_path: Path, database_url: str, issuer: str, **extra: str) -> 
 def instances(tmp_path: Path, database_url: str, **extra: str) -> Iterator[Callable[..., "Gunicorn"]]:
     """Start app instances on one database, all sharing the stand-in embedded in the first (whose port the issuer names).
 
-    Yield start(port=None, workers=3, **env) -> Gunicorn, with .store, the stand-in's store; every instance stops at the end.
+    Yield start(port=None, workers=3, **env) -> Gunicorn, with .store, the stand-in's store; every instance is killed at the end.
     """
     started: list[Gunicorn] = []
     issuer_port = free_port()
@@ -70,7 +70,7 @@ def instances(tmp_path: Path, database_url: str, **extra: str) -> Iterator[Calla
         yield start
     finally:
         for server in started:
-            server.stop()
+            server.kill()
 
 
 def migrate(env: dict) -> None:
@@ -122,14 +122,24 @@ class Gunicorn:
         return found
 
     def stop(self) -> None:
+        """Stop gracefully (SIGTERM), as a deploy does: what is in flight finishes first."""
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            self.kill()
+
+    def kill(self) -> None:
+        """Stop at once (SIGKILL to the master and its workers), at a test's end where nothing waits on a graceful stop.
+
+        A graceful stop keeps each kept-alive client connection open for up to 2 s, in case a request is on its way.
+        """
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 def http_sign_in(base_url: str, name: str = "Ada Lovelace") -> requests.Session:

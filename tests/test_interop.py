@@ -108,6 +108,9 @@ class App:
     def stop(self) -> None:
         self.server.stop()
 
+    def kill(self) -> None:
+        self.server.kill()
+
 
 # The apps of each provider and database: the README's settings, the viewer scope in the grant, and the viewer by its own authorization.
 APP_KINDS = ("plain", "viewer", "viewer-authorize")
@@ -132,7 +135,7 @@ def app(op, database, tmp_path_factory):
     """The app exactly as the README says for OIDC (the viewer scope is not in its grant), shared by the tests of one provider and database."""
     app = App(tmp_path_factory.mktemp("interop-app"), database, op, port_for(op, database, "plain"))
     yield app
-    app.stop()
+    app.kill()
 
 
 @pytest.fixture
@@ -151,12 +154,12 @@ def own_app(op, database: str, folder: Path, kind: str, **settings: str):
     if database.startswith("sqlite"):
         app = App(folder, f"sqlite:///{folder / f'{kind}.sqlite'}", op, port_for(op, database, kind), **settings)
         yield app
-        app.stop()
+        app.kill()
     else:
         with fresh_postgres_database("signin_interop_viewer") as url:
             app = App(folder, url, op, port_for(op, database, kind), **settings)
             yield app
-            app.stop()
+            app.kill()
 
 
 def sign_in(chromium, app: App, next_path: str = "/"):

@@ -55,7 +55,7 @@ def test_signing_out_at_the_provider_ends_the_session_here(kind, chromium, tmp_p
             try:
                 sign_in_and_out_at_the_provider(op, server.url, url, chromium)
             finally:
-                server.stop()
+                server.kill()
     finally:
         op.stop()
 

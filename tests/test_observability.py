@@ -46,7 +46,7 @@ def server(request, tmp_path_factory):
         try:
             yield gunicorn
         finally:
-            gunicorn.stop()
+            gunicorn.kill()
 
 
 @pytest.fixture

@@ -230,12 +230,13 @@ def wait_until_due_ahead(browser: requests.Session, base_url: str) -> float:
     return expires
 
 
-def past_the_leeway(database_url: str) -> None:
-    """Make the stored access token count as expired: the next request refreshes in line."""
+def expire_in(database_url: str, seconds: int) -> None:
+    """Move the stored access token's expiry to seconds from now, as if it had been issued TTL seconds before that."""
+    expires = utcnow() + timedelta(seconds=seconds)
     engine = sqlalchemy.create_engine(database_url)
     try:
         with engine.begin() as conn:
-            conn.execute(sqlalchemy.update(User).values(access_expires_at=utcnow() + timedelta(seconds=LEEWAY - 1)))
+            conn.execute(sqlalchemy.update(User).values(access_expires_at=expires, signed_in_at=expires - timedelta(seconds=TTL)))
     finally:
         engine.dispose()
 
@@ -299,7 +300,7 @@ def refresh_ahead_in_flight(instance, server: Gunicorn, delay: float) -> tuple[r
     store = instance.store
     browser = http_sign_in(server.url)
     before = store.count("refresh")  # the sign-in's own (the viewer token's) counted
-    wait_until_due_ahead(browser, server.url)
+    expire_in(instance.database_url, LEEWAY + 3)  # due ahead, as wait_until_due_ahead leaves it
     store.inject("timeout", delay=delay)  # the next refresh: the one ahead
     assert browser.get(f"{server.url}/api/profile", timeout=30).status_code == 200
     deadline = time.monotonic() + 20
@@ -319,7 +320,7 @@ def test_a_graceful_stop_finishes_a_refresh_ahead(instance):
     assert store.count("refresh") - before == 1
     assert [(o, t.endswith("(ahead)")) for o, t, _ in access_events(instance.database_url)] == [("refreshed", True)]
     restarted = instance(port=server.port, workers=1)
-    past_the_leeway(instance.database_url)  # this request refreshes in line, with the rotation the stopped worker stored
+    expire_in(instance.database_url, LEEWAY - 1)  # past the leeway: this request refreshes in line, with the rotation the stopped worker stored
     assert browser.get(f"{restarted.url}/api/profile", timeout=30).status_code == 200
     assert store.count("refresh") - before == 2
     assert store.count("refresh_rejected") == 0
