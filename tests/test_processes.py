@@ -172,8 +172,7 @@ def test_sigkill_of_the_instance_during_a_held_refresh_recovers_at_restart(insta
     before = store.count("refresh")
     holder, answers = hold_a_refresh(instance, server, browser, seconds=8)
 
-    os.killpg(server.process.pid, signal.SIGKILL)
-    server.process.wait()
+    server.kill()
     holder.join()
     assert answers != [200]
 
