@@ -9,11 +9,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
+from sqlalchemy import NullPool, create_engine, update
 
+from models import User, utcnow
 from standin.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +74,18 @@ def instances(tmp_path: Path, database_url: str, **extra: str) -> Iterator[Calla
     finally:
         for server in started:
             server.kill()
+
+
+def expire_access_token_in(database_url: str, seconds: int, lifetime: int | None = None) -> None:
+    """Move the stored access token's expiry to seconds from now; given its lifetime, as if it had been issued that long before."""
+    expires = utcnow() + timedelta(seconds=seconds)
+    issued = {"signed_in_at": expires - timedelta(seconds=lifetime)} if lifetime is not None else {}
+    engine = create_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(User).values(access_expires_at=expires, **issued))
+    finally:
+        engine.dispose()
 
 
 def migrate(env: dict) -> None:

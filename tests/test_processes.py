@@ -4,15 +4,12 @@ import os
 import signal
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
-from sqlalchemy import NullPool, create_engine, update
 
-from models import User
 from pgbouncer import EVERY_DATABASE, POSTGRESQL_AND_PGBOUNCER, pgbouncer_server, pooler  # noqa: F401 (fixtures used by name)
-from servers import Gunicorn, burst, http_sign_in, instances
+from servers import Gunicorn, burst, expire_access_token_in, http_sign_in, instances
 
 pytestmark = pytest.mark.slow
 
@@ -21,20 +18,13 @@ LEEWAY = 60
 TTL = 65
 
 
-def make_due(database_url: str) -> None:
-    """Move the person's access token into the leeway in the database, i.e. the next request must refresh."""
-    engine = create_engine(database_url, poolclass=NullPool)
-    with engine.begin() as conn:
-        conn.execute(update(User).values(access_expires_at=datetime.now(UTC) + timedelta(seconds=LEEWAY - 1)))
-    engine.dispose()
-
-
 @pytest.fixture
 def instance(tmp_path, database_url, pooler):  # noqa: F811 (the pooler fixture, imported above)
     """Start app instances on this test's database (through PgBouncer for the pooler's variant), sharing one stand-in provider."""
     served_url = pooler.url_for(database_url) if pooler is not None else database_url
     with instances(tmp_path, served_url, STANDIN_ACCESS_TOKEN_TTL=str(TTL), TOKEN_REFRESH_LEEWAY=str(LEEWAY)) as start:
-        start.make_due = lambda: make_due(database_url)
+        # Into the leeway in the database: the next request must refresh.
+        start.make_due = lambda: expire_access_token_in(database_url, LEEWAY - 1)
         yield start
 
 

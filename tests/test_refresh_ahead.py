@@ -18,7 +18,7 @@ import locking
 import tokens
 from conftest import expire_access_token, sign_in, stored_user
 from models import RefreshEvent, User, db, utcnow
-from servers import Gunicorn, burst, http_sign_in, instances
+from servers import Gunicorn, burst, expire_access_token_in, http_sign_in, instances
 
 # Within the default TOKEN_REFRESH_AHEAD (300 s) of counting as expired (the default leeway, 60 s, before expiry).
 DUE_AHEAD = timedelta(seconds=60 + 120)
@@ -230,17 +230,6 @@ def wait_until_due_ahead(browser: requests.Session, base_url: str) -> float:
     return expires
 
 
-def expire_in(database_url: str, seconds: int) -> None:
-    """Move the stored access token's expiry to seconds from now, as if it had been issued TTL seconds before that."""
-    expires = utcnow() + timedelta(seconds=seconds)
-    engine = sqlalchemy.create_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.update(User).values(access_expires_at=expires, signed_in_at=expires - timedelta(seconds=TTL)))
-    finally:
-        engine.dispose()
-
-
 def access_events(database_url: str) -> list[tuple[str, str, int]]:
     """Return the app's access refresh events as (outcome, trigger, waiters)."""
     engine = sqlalchemy.create_engine(database_url)
@@ -300,7 +289,7 @@ def refresh_ahead_in_flight(instance, server: Gunicorn, delay: float) -> tuple[r
     store = instance.store
     browser = http_sign_in(server.url)
     before = store.count("refresh")  # the sign-in's own (the viewer token's) counted
-    expire_in(instance.database_url, LEEWAY + 3)  # due ahead, as wait_until_due_ahead leaves it
+    expire_access_token_in(instance.database_url, LEEWAY + 3, lifetime=TTL)  # due ahead, as wait_until_due_ahead leaves it
     store.inject("timeout", delay=delay)  # the next refresh: the one ahead
     assert browser.get(f"{server.url}/api/profile", timeout=30).status_code == 200
     deadline = time.monotonic() + 20
@@ -320,7 +309,7 @@ def test_a_graceful_stop_finishes_a_refresh_ahead(instance):
     assert store.count("refresh") - before == 1
     assert [(o, t.endswith("(ahead)")) for o, t, _ in access_events(instance.database_url)] == [("refreshed", True)]
     restarted = instance(port=server.port, workers=1)
-    expire_in(instance.database_url, LEEWAY - 1)  # past the leeway: this request refreshes in line, with the rotation the stopped worker stored
+    expire_access_token_in(instance.database_url, LEEWAY - 1)  # past the leeway: this request refreshes in line, with the rotation the stopped worker stored
     assert browser.get(f"{restarted.url}/api/profile", timeout=30).status_code == 200
     assert store.count("refresh") - before == 2
     assert store.count("refresh_rejected") == 0
